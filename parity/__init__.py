@@ -1,0 +1,1 @@
+"""The judge: tap alignment, comparison and reports across golden and candidate backends."""

@@ -1,0 +1,86 @@
+"""Command line of the parity suite: ``python -m parity report``.
+
+Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import transformers
+
+from reference import CheckpointError, ConfigError, load_model, resolve_dtype
+from reference.oracle import ORACLE_COMPONENTS, CaseShape, llama_from_reference, run_case
+
+from .compare import TOLERANCES, compare_taps, first_failure, format_table
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report", help="check the reference against transformers' Llama blocks, component by component"
+    )
+    report.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
+                        help="component to check (repeatable; default: all)")
+    report.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    report.add_argument("--batch", type=_positive, default=2)
+    report.add_argument("--seq-len", type=_positive, default=7)
+    report.add_argument("--past-len", type=_non_negative, default=5,
+                        help="cached tokens for the decode cases (gqa_unmasked, decoder_layer)")
+    report.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def report(args: argparse.Namespace) -> int:
+    dtype = resolve_dtype(args.dtype)
+    model = load_model(args.model, dtype, args.seed)
+    llama = llama_from_reference(model)
+    tolerance = TOLERANCES[dtype]
+    print(f"golden: reference DeciCoder (torch {torch.__version__}, cpu, {args.dtype}), model {args.model}")
+    print(f"oracle: transformers {transformers.__version__} Llama blocks (eager attention), same weights")
+    print(f"tolerance ({args.dtype}): atol={tolerance.atol:g} rtol={tolerance.rtol:g}  [{tolerance.why}]\n")
+    failures = []
+    for component in args.component or ORACLE_COMPONENTS:
+        shape = CaseShape(args.batch, args.seq_len, args.past_len, args.seed)
+        case = run_case(component, model, llama, shape)
+        results = compare_taps(case.transformers, case.reference, tolerance, order=case.shared_taps)
+        print(format_table(results, f"== {component}  (batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len})"))
+        print()
+        if (first := first_failure(results)) is not None:
+            failures.append(f"{component}.{first.name}")
+    if failures:
+        print(f"DIVERGED: first failing taps: {', '.join(failures)}")
+        return 1
+    print(f"PASSED: the reference matches transformers on {len(args.component or ORACLE_COMPONENTS)} components")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return report(args)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

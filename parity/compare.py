@@ -1,0 +1,128 @@
+"""The judge: tap-by-tap comparison in execution order, through polygraphy's CompareFunc.
+
+polygraphy decides pass/fail (elementwise ``|a - b| <= atol + rtol * |b|``, b golden) and
+computes the error statistics and cosine similarity; this module adds what polygraphy lacks:
+tap ordering, the first diverging tap, and a readable table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
+from polygraphy.logger import G_LOGGER
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    why: str
+
+
+# Per dtype of the compared run. Activations are O(1) (see reference.modeling.init_random_weights).
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(1e-5, 1e-5, "same math in fp32 differs only by summation order: ~1e-6 at O(1) values"),
+    torch.float16: Tolerance(1e-2, 1e-2, "each fp16 op rounds to 2^-11 relative; a few roundings on O(1) values stay under 1e-2"),
+    torch.bfloat16: Tolerance(6e-2, 6e-2, "bf16 keeps 8 mantissa bits (2^-8 relative); a few roundings stay under 6e-2"),
+}
+
+
+@dataclass(frozen=True)
+class TapResult:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    passed: bool
+    note: str = ""
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    if isinstance(tensor, torch.Tensor):
+        # numpy has no bfloat16, and fp16 -> fp32 is exact: compare everything in fp32.
+        return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+    return np.ascontiguousarray(tensor, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy():
+    # The verdicts come back as values; polygraphy's own log lines would only repeat them.
+    previous = G_LOGGER.module_severity, G_LOGGER.colors
+    G_LOGGER.module_severity, G_LOGGER.colors = G_LOGGER.CRITICAL, False
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity, G_LOGGER.colors = previous
+
+
+def compare_taps(
+    golden: Mapping[str, object], candidate: Mapping[str, object], tolerance: Tolerance,
+    order: Iterable[str] | None = None,
+) -> list[TapResult]:
+    """Compare every tap of ``golden`` (in ``order``, default golden's) that ``candidate`` should have."""
+    names = list(order if order is not None else golden)
+    golden_np = {n: _to_numpy(golden[n]) for n in names if n in candidate}
+    candidate_np = {n: _to_numpy(candidate[n]) for n in golden_np}
+    comparable = [n for n in golden_np if golden_np[n].shape == candidate_np[n].shape]
+    candidate_run = IterationResult({n: candidate_np[n] for n in comparable}, runner_name="candidate")
+    golden_run = IterationResult({n: golden_np[n] for n in comparable}, runner_name="golden")
+    with _quiet_polygraphy():
+        verdicts = SimpleCompareFunc(atol=tolerance.atol, rtol=tolerance.rtol)(candidate_run, golden_run)
+        # Reported, never judged: a threshold of -1 always passes.
+        cosines = CosineSimilarityCompareFunc(cosine_similarity_threshold=-1.0)(candidate_run, golden_run)
+    results = []
+    for name in names:
+        if name not in candidate:
+            results.append(TapResult(name, tuple(np.shape(golden[name])), *(float("nan"),) * 4, False, "missing"))
+            continue
+        g, c = golden_np[name], candidate_np[name]
+        if g.shape != c.shape:
+            results.append(TapResult(name, g.shape, *(float("nan"),) * 4, False, f"shape {list(c.shape)}"))
+            continue
+        verdict = verdicts[name]
+        results.append(TapResult(
+            name, g.shape, float(verdict.max_absdiff), float(verdict.max_reldiff), float(verdict.mean_absdiff),
+            cosines[name].cosine_similarity, bool(verdict),
+        ))
+    return results
+
+
+def first_failure(results: Iterable[TapResult]) -> TapResult | None:
+    return next((r for r in results if not r.passed), None)
+
+
+def format_table(results: list[TapResult], title: str) -> str:
+    header = f"{'tap':<24} {'shape':<20} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cosine':>10}  verdict"
+    lines = [title, header, "-" * len(header)]
+    first = first_failure(results)
+    for r in results:
+        verdict = "pass" if r.passed else "FAIL" + (" <- first divergence" if r is first else "")
+        if r.note:
+            verdict += f" ({r.note})"
+        lines.append(
+            f"{r.name:<24} {str(list(r.shape)):<20} {r.max_abs:>10.3e} {r.max_rel:>10.3e} {r.mean_abs:>10.3e} "
+            f"{r.cosine:>10.6f}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def assert_parity(
+    golden: Mapping[str, object], candidate: Mapping[str, object], dtype: torch.dtype,
+    order: Iterable[str] | None = None, title: str = "",
+) -> list[TapResult]:
+    """Raise AssertionError naming the first diverging tap, with the full table, if any tap fails."""
+    results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
+    first = first_failure(results)
+    if first is not None:
+        raise AssertionError(
+            f"first diverging tap: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e}, "
+            f"cosine {first.cosine:.6f}{', ' + first.note if first.note else ''})\n" + format_table(results, title)
+        )
+    return results

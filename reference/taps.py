@@ -1,0 +1,108 @@
+"""Tap names (the contract between backends) and their capture from the reference.
+
+A tap is a named intermediate tensor. Every backend (the torch reference, trt_layers built
+as a TensorRT engine, trt_layers lowered to ONNX) emits exactly the names below, in this
+order, so a judge can walk them in execution order and name the first that diverges.
+
+Capturing is explicit and costs one ``None`` check per tap point when off::
+
+    with capture_taps(model.model.layers[0].self_attn) as taps:
+        attn(hidden_states, position_ids)
+    taps["q_rot"]
+
+Names are relative to the module given to ``capture_taps``: captured from a whole model,
+layer 3's attention query is ``layer_3.attn.q_rot`` and the layer output ``layer_3.out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_GQA_TAPS = ("q", "k", "v", "q_rot", "k_rot", "k_rep", "v_rep", "scores", "probs", "context", "out",
+             "present_k", "present_v")
+
+COMPONENT_TAPS: dict[str, tuple[str, ...]] = {
+    "repeat_kv": ("k_rep", "v_rep"),
+    "rope": ("cos", "sin", "q_rot", "k_rot"),
+    "gqa_masked": _GQA_TAPS,
+    "gqa_unmasked": _GQA_TAPS,
+    "mlp": ("gate", "up", "act", "down"),
+    "rmsnorm": ("out",),
+    "decoder_layer": ("input_norm", "attn_out", "resid_1", "post_norm", "mlp_out", "out"),
+}
+COMPONENTS = (*COMPONENT_TAPS, "causal_lm")
+
+
+def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
+    return ("embed", *(f"layer_{i}.out" for i in range(num_layers)), "final_norm", "logits")
+
+
+def component_taps(component: str, num_layers: int | None = None) -> tuple[str, ...]:
+    if component == "causal_lm":
+        if num_layers is None:
+            raise ValueError("causal_lm taps depend on the layer count: pass num_layers")
+        return causal_lm_taps(num_layers)
+    if component not in COMPONENT_TAPS:
+        raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
+    return COMPONENT_TAPS[component]
+
+
+# Module path segment -> tap scope, so a captured name reads like the DESIGN table.
+_SCOPE_NAMES = {"model": "", "self_attn": "attn", "rotary_emb": "rope"}
+
+
+def _tap_prefix(module_path: str) -> str:
+    scopes, parts = [], module_path.split(".") if module_path else []
+    i = 0
+    while i < len(parts):
+        if parts[i] == "layers" and i + 1 < len(parts):
+            scopes.append(f"layer_{parts[i + 1]}")
+            i += 2
+            continue
+        scope = _SCOPE_NAMES.get(parts[i], parts[i])
+        if scope:
+            scopes.append(scope)
+        i += 1
+    return "".join(f"{s}." for s in scopes)
+
+
+class TapRecorder:
+    def __init__(self, root: nn.Module, names: tuple[str, ...] | None):
+        self.prefixes = {id(m): _tap_prefix(path) for path, m in root.named_modules()}
+        self.names = None if names is None else frozenset(names)
+        self.taps: dict[str, torch.Tensor] = {}
+
+    def record(self, module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        prefix = self.prefixes.get(id(module))
+        if prefix is None:  # a module outside the captured subtree
+            return
+        full_name = prefix + name
+        if self.names is None or full_name in self.names:
+            self.taps[full_name] = tensor.detach()
+
+
+_active: TapRecorder | None = None
+
+
+def tap(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Offer ``tensor`` as tap ``name`` of ``module``; returns it unchanged."""
+    if _active is not None:
+        _active.record(module, name, tensor)
+    return tensor
+
+
+@contextlib.contextmanager
+def capture_taps(root: nn.Module, names: tuple[str, ...] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect the taps of ``root`` and its submodules (only ``names``, if given) into a dict."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("capture_taps is already active; captures do not nest")
+    _active = TapRecorder(root, names)
+    try:
+        yield _active.taps
+    finally:
+        _active = None
