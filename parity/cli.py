@@ -12,7 +12,12 @@ import torch
 import transformers
 
 from reference import CheckpointError, ConfigError, load_model, resolve_dtype
-from reference.oracle import ORACLE_COMPONENTS, CaseShape, llama_from_reference, run_case
+from reference.oracle import (
+    ORACLE_COMPONENTS,
+    CaseShape,
+    llama_from_reference,
+    run_case,
+)
 
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
+from polygraphy.comparator import (
+    CosineSimilarityCompareFunc,
+    IterationResult,
+    SimpleCompareFunc,
+)
 from polygraphy.logger import G_LOGGER
 
 

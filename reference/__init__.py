@@ -1,6 +1,12 @@
 """The golden side: a faithful PyTorch DeciCoder-1b and the tap names every backend emits."""
 
-from .checkpoint import CheckpointError, load_model, load_pretrained, resolve_dtype, save_pretrained
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    load_pretrained,
+    resolve_dtype,
+    save_pretrained,
+)
 from .configuration import PRESETS, ConfigError, DeciCoderConfig
 from .modeling import (
     DeciCoderAttention,

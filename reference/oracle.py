@@ -15,8 +15,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama as hf
 
-from .configuration import DeciCoderConfig
 from . import modeling
+from .configuration import DeciCoderConfig
 from .modeling import DeciCoderForCausalLM, causal_mask, decode_mask
 from .taps import capture_taps, component_taps
 

@@ -154,19 +154,45 @@ _DELETE = object()
 
 # damage -> the words the error must contain
 BAD_CHECKPOINTS = {
-    "config_not_json": (lambda d: (d / "config.json").write_text('{"hidden_size": 128,'), ["config.json", "not valid JSON", "line 1"]),
-    "config_missing_key": (lambda d: _edit_config(d, hidden_size=_DELETE), ["config.json", "'hidden_size'", "<missing>"]),
-    "config_wrong_type": (lambda d: _edit_config(d, num_attention_heads="8"), ["config.json", "'num_attention_heads'", "positive integer"]),
-    "config_bad_heads": (lambda d: _edit_config(d, num_key_value_heads=3), ["config.json", "'num_key_value_heads'", "divisor"]),
-    "config_rope_scaling": (lambda d: _edit_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0}), ["config.json", "'rope_parameters'", "default"]),
-    "config_gelu": (lambda d: _edit_config(d, hidden_act="gelu"), ["config.json", "'hidden_act'", "silu"]),
-    "no_config": (lambda d: (d / "config.json").unlink(), ["config.json", "no such file"]),
-    "no_weights": (lambda d: (d / "model.safetensors").unlink(), ["no weights found", "model.safetensors"]),
-    "missing_tensor": (lambda d: _edit_weights(d, lambda s: s.pop("model.layers.1.mlp.up_proj.weight")), ["'model.layers.1.mlp.up_proj.weight'", "missing"]),
-    "extra_tensor": (lambda d: _edit_weights(d, lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)})), ["model.safetensors", "'model.layers.9.mlp.up_proj.weight'", "not a DeciCoder parameter"]),
-    "misshaped_tensor": (lambda d: _edit_weights(d, lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 128)})), ["model.safetensors", "'model.layers.0.self_attn.k_proj.weight'", "[64, 128]", "[32, 128]"]),
-    "integer_tensor": (lambda d: _edit_weights(d, lambda s: s.update({"model.norm.weight": torch.zeros(128, dtype=torch.int32)})), ["model.safetensors", "'model.norm.weight'", "floating-point"]),
-    "truncated_safetensors": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), ["model.safetensors", "cannot read tensors"]),
+    "config_not_json": (
+        lambda d: (d / "config.json").write_text('{"hidden_size": 128,'),
+        ["config.json", "not valid JSON", "line 1"]),
+    "config_missing_key": (
+        lambda d: _edit_config(d, hidden_size=_DELETE),
+        ["config.json", "'hidden_size'", "<missing>"]),
+    "config_wrong_type": (
+        lambda d: _edit_config(d, num_attention_heads="8"),
+        ["config.json", "'num_attention_heads'", "positive integer"]),
+    "config_bad_heads": (
+        lambda d: _edit_config(d, num_key_value_heads=3),
+        ["config.json", "'num_key_value_heads'", "divisor"]),
+    "config_rope_scaling": (
+        lambda d: _edit_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0}),
+        ["config.json", "'rope_parameters'", "default"]),
+    "config_gelu": (
+        lambda d: _edit_config(d, hidden_act="gelu"),
+        ["config.json", "'hidden_act'", "silu"]),
+    "no_config": (
+        lambda d: (d / "config.json").unlink(),
+        ["config.json", "no such file"]),
+    "no_weights": (
+        lambda d: (d / "model.safetensors").unlink(),
+        ["no weights found", "model.safetensors"]),
+    "missing_tensor": (
+        lambda d: _edit_weights(d, lambda s: s.pop("model.layers.1.mlp.up_proj.weight")),
+        ["'model.layers.1.mlp.up_proj.weight'", "missing"]),
+    "extra_tensor": (
+        lambda d: _edit_weights(d, lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)})),
+        ["model.safetensors", "'model.layers.9.mlp.up_proj.weight'", "not a DeciCoder parameter"]),
+    "misshaped_tensor": (
+        lambda d: _edit_weights(d, lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 128)})),
+        ["model.safetensors", "'model.layers.0.self_attn.k_proj.weight'", "[64, 128]", "[32, 128]"]),
+    "integer_tensor": (
+        lambda d: _edit_weights(d, lambda s: s.update({"model.norm.weight": torch.zeros(128, dtype=torch.int32)})),
+        ["model.safetensors", "'model.norm.weight'", "floating-point"]),
+    "truncated_safetensors": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+        ["model.safetensors", "cannot read tensors"]),
 }
 
 
@@ -186,7 +212,8 @@ def test_sharded_index_pointing_at_missing_shard(tmp_path, tiny_model):
     (tmp_path / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
     _write_sharded(tmp_path, dict(tiny_model.state_dict()), "safetensors")
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: key .* points to model-00002-of-00002.safetensors"):
+    missing_shard = r"model.safetensors.index.json: key .* points to model-00002-of-00002.safetensors"
+    with pytest.raises(CheckpointError, match=missing_shard):
         DeciCoderForCausalLM.from_pretrained(tmp_path)
 
 
