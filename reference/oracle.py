@@ -15,12 +15,10 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama as hf
 
-from . import modeling
+from .components import Taps, run_component
 from .configuration import DeciCoderConfig
+from .inputs import CaseShape, Inputs, make_inputs
 from .modeling import DeciCoderForCausalLM, causal_mask, decode_mask
-from .taps import capture_taps, component_taps
-
-Taps = dict[str, torch.Tensor]
 
 
 def llama_config(config: DeciCoderConfig) -> LlamaConfig:
@@ -63,144 +61,92 @@ class OracleCase:
         return [name for name in self.reference if name in self.transformers]
 
 
-@dataclass(frozen=True)
-class CaseShape:
-    batch: int = 2
-    seq_len: int = 7
-    past_len: int = 0
-    seed: int = 0
-
-
 def run_case(component: str, model: DeciCoderForCausalLM, llama: LlamaForCausalLM, shape: CaseShape) -> OracleCase:
     """Run ``component`` of the reference and of transformers' Llama on the same seeded inputs."""
-    runner = _CASES[component]
+    dtype = model.lm_head.weight.dtype
     with torch.no_grad():
-        reference, transformers = runner(model, llama, shape)
+        if component == "causal_lm":
+            reference, transformers = _generation(model, llama, shape)
+        else:
+            inputs = make_inputs(component, model.config, shape, dtype)
+            reference = run_component(component, model, inputs)
+            transformers = _TRANSFORMERS[component](llama, inputs)
     return OracleCase(component, reference, transformers)
 
 
-def _inputs(model: DeciCoderForCausalLM, shape: CaseShape, *dims: int, scale: float = 1.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(shape.seed + len(dims) * 7919 + sum(dims))
-    return (torch.randn(*dims, generator=generator) * scale).to(model.lm_head.weight.dtype)
+def _rmsnorm(llama, inputs):
+    return {"out": llama.model.layers[0].input_layernorm(inputs["hidden_states"])}
 
 
-def _positions(shape: CaseShape) -> torch.Tensor:
-    return torch.arange(shape.past_len, shape.past_len + shape.seq_len).expand(shape.batch, shape.seq_len)
+def _rope(llama, inputs):
+    q, k = inputs["q"], inputs["k"]
+    cos, sin = llama.model.rotary_emb(q, inputs["position_ids"])
+    q_rot, k_rot = hf.apply_rotary_pos_emb(q, k, cos, sin)
+    return {"cos": cos, "sin": sin, "q_rot": q_rot, "k_rot": k_rot}
 
 
-def _hidden(model, shape):
-    return _inputs(model, shape, shape.batch, shape.seq_len, model.config.hidden_size)
+def _repeat_kv(llama, inputs):
+    n_rep = llama.config.num_attention_heads // llama.config.num_key_value_heads
+    return {"k_rep": hf.repeat_kv(inputs["k"], n_rep), "v_rep": hf.repeat_kv(inputs["v"], n_rep)}
 
 
-def _heads(model, shape, num_heads, length):
-    return _inputs(model, shape, shape.batch, num_heads, length, model.config.head_dim)
-
-
-def _rmsnorm(model, llama, shape):
-    x = _hidden(model, shape)
-    return {"out": model.model.layers[0].input_layernorm(x)}, {"out": llama.model.layers[0].input_layernorm(x)}
-
-
-def _rope(model, llama, shape):
-    cfg = model.config
-    q = _heads(model, shape, cfg.num_attention_heads, shape.seq_len)
-    k = _heads(model, shape, cfg.num_key_value_heads, shape.seq_len) * 0.5
-    position_ids = _positions(shape)
-
-    def rotate(rotary, apply):
-        cos, sin = rotary(q, position_ids)
-        q_rot, k_rot = apply(q, k, cos, sin)
-        return {"cos": cos, "sin": sin, "q_rot": q_rot, "k_rot": k_rot}
-
-    return (rotate(model.model.layers[0].self_attn.rotary_emb, modeling.apply_rotary_pos_emb),
-            rotate(llama.model.rotary_emb, hf.apply_rotary_pos_emb))
-
-
-def _repeat_kv(model, llama, shape):
-    cfg = model.config
-    k = _heads(model, shape, cfg.num_key_value_heads, shape.seq_len)
-    v = _heads(model, shape, cfg.num_key_value_heads, shape.seq_len) * 0.5
-    n_rep = cfg.num_key_value_groups
-    return ({"k_rep": modeling.repeat_kv(k, n_rep), "v_rep": modeling.repeat_kv(v, n_rep)},
-            {"k_rep": hf.repeat_kv(k, n_rep), "v_rep": hf.repeat_kv(v, n_rep)})
-
-
-def _past(model, shape):
-    cfg = model.config
-    return (_heads(model, shape, cfg.num_key_value_heads, shape.past_len),
-            _heads(model, shape, cfg.num_key_value_heads, shape.past_len) * 0.5)
-
-
-def _hf_cache(llama, past):
+def _cache(llama, inputs):
     cache = DynamicCache(config=llama.config)
-    if past is not None:
-        cache.update(*past, 0)
+    if "past_k" in inputs:
+        cache.update(inputs["past_k"], inputs["past_v"], 0)
     return cache
 
 
-def _attention(model, llama, shape, past, ref_mask, hf_mask):
-    x = _hidden(model, shape)
-    position_ids = _positions(shape)
-    attn = model.model.layers[0].self_attn
-    with capture_taps(attn, component_taps("gqa_masked")) as reference:
-        attn(x, position_ids, past, ref_mask)
-    cache = _hf_cache(llama, past)
+def _mask(inputs: Inputs) -> torch.Tensor | None:
+    """The additive mask transformers' blocks receive: causal in prefill, Llama's decode mask with a cache."""
+    hidden = inputs["hidden_states"]
+    q_len = hidden.shape[1]
+    if "past_k" not in inputs:
+        return causal_mask(q_len, q_len, hidden.dtype)[None, None]
+    mask = decode_mask(q_len, inputs["past_k"].shape[2], hidden.dtype)
+    return None if mask is None else mask[None, None]
+
+
+def _attention(llama, inputs, mask):
+    hidden, cache = inputs["hidden_states"], _cache(llama, inputs)
     out, probs = llama.model.layers[0].self_attn(
-        x, position_embeddings=llama.model.rotary_emb(x, position_ids), attention_mask=hf_mask, cache=cache
+        hidden, position_embeddings=llama.model.rotary_emb(hidden, inputs["position_ids"]),
+        attention_mask=mask, cache=cache,
     )
     layer = cache.layers[0]
-    return reference, {"probs": probs, "out": out, "present_k": layer.keys, "present_v": layer.values}
+    return {"probs": probs, "out": out, "present_k": layer.keys, "present_v": layer.values}
 
 
-def _gqa_masked(model, llama, shape):
-    """Prefill: no cache; the reference masks causally inside attention, transformers gets the mask."""
-    shape = CaseShape(shape.batch, shape.seq_len, 0, shape.seed)
-    hf_mask = causal_mask(shape.seq_len, shape.seq_len, model.lm_head.weight.dtype)[None, None]
-    return _attention(model, llama, shape, None, None, hf_mask)
+def _gqa_masked(llama, inputs):
+    return _attention(llama, inputs, _mask(inputs))
 
 
-def _gqa_unmasked(model, llama, shape):
-    """Decode: a cache of ``past_len`` (possibly empty) and no mask on either side."""
-    return _attention(model, llama, shape, _past(model, shape), None, None)
+def _gqa_unmasked(llama, inputs):
+    return _attention(llama, inputs, None)  # the decode path: no mask at all
 
 
-def _mlp(model, llama, shape):
-    x = _hidden(model, shape)
-    mlp = model.model.layers[0].mlp
-    with capture_taps(mlp) as reference:
-        mlp(x)
-    hf_mlp = llama.model.layers[0].mlp
-    gate, up = hf_mlp.gate_proj(x), hf_mlp.up_proj(x)
-    return reference, {"gate": gate, "up": up, "act": hf_mlp.act_fn(gate) * up, "down": hf_mlp(x)}
+def _mlp(llama, inputs):
+    x, mlp = inputs["hidden_states"], llama.model.layers[0].mlp
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return {"gate": gate, "up": up, "act": mlp.act_fn(gate) * up, "down": mlp(x)}
 
 
-def _decoder_layer(model, llama, shape):
-    """Prefill when ``past_len`` is 0, else decode with the mask Llama's model would pass."""
-    x = _hidden(model, shape)
-    position_ids = _positions(shape)
-    dtype = x.dtype
-    if shape.past_len == 0:
-        past, ref_mask, hf_mask = None, None, causal_mask(shape.seq_len, shape.seq_len, dtype)[None, None]
-    else:
-        past, ref_mask = _past(model, shape), decode_mask(shape.seq_len, shape.past_len, dtype)
-        hf_mask = None if ref_mask is None else ref_mask[None, None]
-    layer = model.model.layers[0]
-    with capture_taps(layer, component_taps("decoder_layer")) as reference:
-        layer(x, position_ids, past, ref_mask)
+def _decoder_layer(llama, inputs):
+    hidden, position_ids = inputs["hidden_states"], inputs["position_ids"]
     out = llama.model.layers[0](
-        x, attention_mask=hf_mask, position_ids=position_ids, cache=_hf_cache(llama, past),
-        position_embeddings=llama.model.rotary_emb(x, position_ids),
+        hidden, attention_mask=_mask(inputs), position_ids=position_ids, cache=_cache(llama, inputs),
+        position_embeddings=llama.model.rotary_emb(hidden, position_ids),
     )
-    return reference, {"out": out}
+    return {"out": out}
 
 
 DECODE_STEPS = 3
 
 
-def _causal_lm(model, llama, shape):
-    """Prefill ``seq_len`` tokens, then DECODE_STEPS greedy decode steps through the KV cache."""
-    generator = torch.Generator().manual_seed(shape.seed)
-    ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq_len), generator=generator)
+def _generation(model, llama, shape):
+    """causal_lm: prefill ``seq_len`` tokens, then DECODE_STEPS greedy steps through each side's KV cache."""
+    ids = make_inputs("causal_lm", model.config, CaseShape(shape.batch, shape.seq_len, 0, shape.seed),
+                      model.lm_head.weight.dtype)["input_ids"]
     reference, transformers = {}, {}
     ref_out = model(ids)
     hf_out = llama(ids, use_cache=True)
@@ -213,7 +159,7 @@ def _causal_lm(model, llama, shape):
     return reference, transformers
 
 
-_CASES = {
+_TRANSFORMERS = {
     "rmsnorm": _rmsnorm,
     "rope": _rope,
     "repeat_kv": _repeat_kv,
@@ -221,6 +167,5 @@ _CASES = {
     "gqa_unmasked": _gqa_unmasked,
     "mlp": _mlp,
     "decoder_layer": _decoder_layer,
-    "causal_lm": _causal_lm,
 }
-ORACLE_COMPONENTS = tuple(_CASES)
+ORACLE_COMPONENTS = (*_TRANSFORMERS, "causal_lm")

@@ -15,7 +15,8 @@ import torch
 from conftest import KV_HEADS
 from parity.compare import TOLERANCES, assert_parity, compare_taps, first_failure
 from reference import modeling
-from reference.oracle import ORACLE_COMPONENTS, CaseShape, run_case
+from reference.inputs import CaseShape
+from reference.oracle import ORACLE_COMPONENTS, run_case
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (batch, seq_len, past_len). Components with a cache (or positions) also run decode shapes.

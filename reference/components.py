@@ -1,0 +1,69 @@
+"""Run one component of the reference on named inputs and return its taps (the golden side)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import modeling
+from .inputs import Inputs, past_names
+from .modeling import DeciCoderForCausalLM, decode_mask
+from .taps import capture_taps, causal_lm_taps, component_taps
+
+Taps = dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, layer_idx: int = 0) -> Taps:
+    """Taps of ``component`` in execution order; single-layer components use layer ``layer_idx``."""
+    layer = model.model.layers[layer_idx]
+    attn = layer.self_attn
+    if component == "repeat_kv":
+        n_rep = model.config.num_key_value_groups
+        return {"k_rep": modeling.repeat_kv(inputs["k"], n_rep), "v_rep": modeling.repeat_kv(inputs["v"], n_rep)}
+    if component == "rope":
+        cos, sin = attn.rotary_emb(inputs["q"], inputs["position_ids"])
+        q_rot, k_rot = modeling.apply_rotary_pos_emb(inputs["q"], inputs["k"], cos, sin)
+        return {"cos": cos, "sin": sin, "q_rot": q_rot, "k_rot": k_rot}
+    if component == "causal_lm":
+        return _causal_lm(model, inputs)
+
+    past = _past(inputs)
+    hidden, position_ids = inputs["hidden_states"], inputs.get("position_ids")
+    run = {
+        "gqa_masked": (attn, lambda: attn(hidden, position_ids)),
+        "gqa_unmasked": (attn, lambda: attn(hidden, position_ids, past)),
+        "mlp": (layer.mlp, lambda: layer.mlp(hidden)),
+        "rmsnorm": (layer.input_layernorm, lambda: layer.input_layernorm(hidden)),
+        "decoder_layer": (layer, lambda: layer(hidden, position_ids, past, _decode_mask(hidden, past))),
+    }
+    if component not in run:
+        raise ValueError(f"unknown component {component!r}")
+    module, forward = run[component]
+    with capture_taps(module, component_taps(component)) as taps:
+        forward()
+    return taps
+
+
+def _past(inputs: Inputs, layer: int | None = None):
+    past_k, past_v = past_names(layer)
+    return (inputs[past_k], inputs[past_v]) if past_k in inputs else None
+
+
+def _decode_mask(hidden: torch.Tensor, past) -> torch.Tensor | None:
+    """None in prefill (attention masks itself); Llama's decode mask when a cache is given."""
+    if past is None:
+        return None
+    return decode_mask(hidden.shape[1], past[0].shape[2], hidden.dtype, hidden.device)
+
+
+def _causal_lm(model: DeciCoderForCausalLM, inputs: Inputs) -> Taps:
+    """The registry's taps, then the real outputs: per-layer present K/V."""
+    num_layers = model.config.num_hidden_layers
+    past = None
+    if past_names(0)[0] in inputs:
+        past = tuple(_past(inputs, i) for i in range(num_layers))
+    with capture_taps(model, causal_lm_taps(num_layers)) as taps:
+        out = model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
+    for i, (present_k, present_v) in enumerate(out.past_key_values):
+        taps[f"layer_{i}.present_k"], taps[f"layer_{i}.present_v"] = present_k, present_v
+    return dict(taps)
