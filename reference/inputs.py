@@ -42,6 +42,12 @@ def make_inputs(component: str, config: DeciCoderConfig, shape: CaseShape, dtype
     def heads(num_heads: int, length: int) -> torch.Tensor:
         return normal(b, num_heads, length, config.head_dim)  # [b, heads, length, head_dim]
 
+    def hidden_states() -> torch.Tensor:
+        # A residual stream's tokens differ in scale: per-token RMS from 1e-3 to 10, so a wrong
+        # RMSNorm eps (which only matters for small tokens) moves the output.
+        rms = 10.0 ** (torch.rand(b, s, 1, generator=generator) * 4.0 - 3.0)
+        return (torch.randn(b, s, config.hidden_size, generator=generator) * rms).to(dtype)
+
     position_ids = torch.arange(shape.past_len, shape.past_len + s).expand(b, s).contiguous()
     if component == "repeat_kv":
         return {"k": heads(config.num_key_value_heads, s), "v": heads(config.num_key_value_heads, s)}
@@ -49,13 +55,13 @@ def make_inputs(component: str, config: DeciCoderConfig, shape: CaseShape, dtype
         return {"q": heads(config.num_attention_heads, s), "k": heads(config.num_key_value_heads, s),
                 "position_ids": position_ids}
     if component in ("mlp", "rmsnorm"):
-        return {"hidden_states": normal(b, s, config.hidden_size)}
+        return {"hidden_states": hidden_states()}
     if component == "causal_lm":
         inputs = {"input_ids": torch.randint(0, config.vocab_size, (b, s), generator=generator),
                   "position_ids": position_ids}
         layers = range(config.num_hidden_layers) if shape.past_len else ()
     elif component in ("gqa_masked", "gqa_unmasked", "decoder_layer"):
-        inputs = {"hidden_states": normal(b, s, config.hidden_size), "position_ids": position_ids}
+        inputs = {"hidden_states": hidden_states(), "position_ids": position_ids}
         has_past = component == "gqa_unmasked" or (component == "decoder_layer" and shape.past_len > 0)
         layers = [None] if has_past else ()
     else:

@@ -151,6 +151,8 @@ class DeciCoderAttention(nn.Module):
             present_k = torch.cat([past_k, k_rot], dim=2)  # [b, kv_heads, past + s, d]
             present_v = torch.cat([past_v, v], dim=2)
             mask = attention_mask
+        tap(self, "present_k", present_k)
+        tap(self, "present_v", present_v)
 
         k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
         v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
@@ -162,7 +164,7 @@ class DeciCoderAttention(nn.Module):
         context = tap(self, "context", torch.matmul(probs, v_rep))  # [b, heads, s, d]
         context = context.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
         out = tap(self, "out", self.o_proj(context))
-        return out, (tap(self, "present_k", present_k), tap(self, "present_v", present_v))
+        return out, (present_k, present_v)
 
 
 class DeciCoderDecoderLayer(nn.Module):

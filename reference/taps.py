@@ -22,8 +22,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-_GQA_TAPS = ("q", "k", "v", "q_rot", "k_rot", "k_rep", "v_rep", "scores", "probs", "context", "out",
-             "present_k", "present_v")
+# present_k/present_v are the cache after appending the new K/V: they come before repeat_kv
+# reads them, so a wrong append order is named there rather than at k_rep.
+_GQA_TAPS = ("q", "k", "v", "q_rot", "k_rot", "present_k", "present_v", "k_rep", "v_rep", "scores", "probs",
+             "context", "out")
 
 COMPONENT_TAPS: dict[str, tuple[str, ...]] = {
     "repeat_kv": ("k_rep", "v_rep"),
@@ -39,6 +41,16 @@ COMPONENTS = (*COMPONENT_TAPS, "causal_lm")
 
 def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
     return ("embed", *(f"layer_{i}.out" for i in range(num_layers)), "final_norm", "logits")
+
+
+def component_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
+    """Everything a component's graph emits: its taps, then outputs that are not taps (the
+    whole model's per-layer present K/V, which a decode step feeds back)."""
+    taps = component_taps(component, num_layers)
+    if component != "causal_lm":
+        return taps
+    presents = tuple(f"layer_{i}.present_{kv}" for i in range(num_layers) for kv in "kv")
+    return taps + presents
 
 
 def component_taps(component: str, num_layers: int | None = None) -> tuple[str, ...]:

@@ -1,0 +1,725 @@
+"""ONNX lowering of the TensorRT-LLM functional vocabulary (``functional.VOCABULARY``).
+
+Each function here has the signature of the TensorRT-LLM 1.2.1 function of the same name and
+mirrors what it does to the network, emitting ONNX nodes where TensorRT-LLM adds TensorRT
+layers; the docstring names the function mirrored. TensorRT's build-time view of shapes is
+kept: a dimension unknown until run time reads as -1 in ``Tensor.shape``, shape tensors built
+from static dimensions are folded to known values, and Python that would break a static
+TensorRT graph breaks here too. It is strict: an argument value whose TensorRT behaviour is
+not mirrored raises NotImplementedError naming it, and dtype mismatches that a strongly typed
+TensorRT network rejects raise TypeError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+
+# TensorRT-LLM dtype names (str_dtype_to_trt) -> (ONNX type, numpy type)
+DTYPES = {
+    "float32": (TensorProto.FLOAT, np.float32),
+    "float16": (TensorProto.FLOAT16, np.float16),
+    "bfloat16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16),
+    "int64": (TensorProto.INT64, np.int64),
+    "int32": (TensorProto.INT32, np.int32),
+    "int8": (TensorProto.INT8, np.int8),
+    "bool": (TensorProto.BOOL, np.bool_),
+}
+_NUMPY_TO_DTYPE = {np.dtype(np_type): name for name, (_, np_type) in DTYPES.items()}
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    raise TypeError(f"dtype {dtype!r} is not one of TensorRT-LLM's dtype names {sorted(DTYPES)}")
+
+
+# ---------------------------------------------------------------- network
+
+class Network:
+    """What ``default_net()`` is to TensorRT-LLM: the graph the functional ops add to."""
+
+    def __init__(self, name: str = "decicoder"):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.output_names: set[str] = set()
+        self._counters: dict[str, itertools.count] = {}
+
+    def unique(self, prefix: str) -> str:
+        counter = self._counters.setdefault(prefix, itertools.count())
+        return f"{prefix}_{next(counter)}"
+
+    def add_input(self, name: str, dtype: str, shape: Sequence[int], dim_names: Sequence[str | None]) -> "Tensor":
+        dims = [d if s == -1 else s for s, d in zip(shape, dim_names)]
+        self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype][0], dims))
+        return Tensor(name, dtype, tuple(shape))
+
+    def add_node(self, op: str, inputs: Sequence["Tensor | str"], dtype: str, shape: Sequence[int],
+                 value: np.ndarray | None = None, **attributes) -> "Tensor":
+        name = self.unique(op.lower())
+        output = Tensor(f"{name}:0", dtype, tuple(shape), value)
+        input_names = [t if isinstance(t, str) else t.name for t in inputs]
+        self.nodes.append(helper.make_node(op, input_names, [output.name], name=name, **attributes))
+        return output
+
+    def add_constant(self, array: np.ndarray, name: str | None = None) -> "Tensor":
+        dtype = _NUMPY_TO_DTYPE.get(array.dtype)
+        if dtype is None:
+            # TensorRT-LLM's np_dtype_to_trt has no float64 (nor other numpy types): constant() asserts.
+            raise TypeError(f"constant: numpy dtype {array.dtype} has no TensorRT counterpart")
+        name = name or self.unique("const")
+        self.initializers.append(_numpy_to_tensor_proto(np.ascontiguousarray(array), name))
+        value = array if dtype in ("int32", "int64", "bool") and array.size <= 16 else None
+        return Tensor(name, dtype, tuple(array.shape), value, is_constant=True)
+
+    def mark_output(self, tensor: "Tensor", name: str) -> None:
+        if name in self.output_names:
+            raise ValueError(f"output {name!r} is marked twice")
+        self.output_names.add(name)
+        self.nodes.append(helper.make_node("Identity", [tensor.name], [name], name=name))
+        self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], None))
+
+    def to_onnx(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                 producer_name="trt_layers.lowering")
+
+
+def _numpy_to_tensor_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
+    if array.dtype == ml_dtypes.bfloat16:
+        proto = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
+        return proto
+    return numpy_helper.from_array(array, name)
+
+
+_net: Network | None = None
+
+
+def default_net() -> Network:
+    """Mirrors tensorrt_llm._common.default_net: the network set by ``net_guard``."""
+    if _net is None:
+        raise RuntimeError("no ONNX network is being built: use lowering.net_guard(Network())")
+    return _net
+
+
+@contextlib.contextmanager
+def net_guard(network: Network) -> Iterator[Network]:
+    """Mirrors tensorrt_llm.network.net_guard."""
+    global _net
+    previous, _net = _net, network
+    try:
+        yield network
+    finally:
+        _net = previous
+
+
+# ---------------------------------------------------------------- tensor
+
+class Tensor:
+    """Mirrors tensorrt_llm.functional.Tensor: a graph value with a build-time shape (-1 = dynamic).
+
+    ``value`` holds the contents when TensorRT would know them at build time (constants and
+    shape arithmetic on static dimensions); None marks an unknown element of a shape tensor.
+    """
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], value: np.ndarray | list | None = None,
+                 is_constant: bool = False):
+        self._name, self.dtype, self._shape = name, dtype, shape
+        self.value = None if value is None else list(np.asarray(value, dtype=object).reshape(-1))
+        self.is_constant = is_constant
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, new_name: str) -> None:
+        """Tensor.name setter: renames the value (constants keep their initializer in sync)."""
+        net = default_net()
+        for proto in itertools.chain(net.initializers, ()):
+            if proto.name == self._name:
+                proto.name = new_name
+        for node in net.nodes:
+            node.input[:] = [new_name if n == self._name else n for n in node.input]
+            node.output[:] = [new_name if n == self._name else n for n in node.output]
+        self._name = new_name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def size(self, dim: int | None = None):
+        return self._shape if dim is None else self._shape[dim]
+
+    def rank(self) -> int:
+        return len(self._shape)
+
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    def is_dynamic(self, dim: int | None = None) -> bool:
+        """Mirrors Tensor.is_dynamic, which ignores dim 0 when no dim is given."""
+        if dim is not None:
+            return self._shape[dim] == -1
+        return any(s == -1 for i, s in enumerate(self._shape) if i != 0)
+
+    def known(self) -> list | None:
+        """Elements of a shape tensor as TensorRT sees them at build time (None = unknown)."""
+        return self.value
+
+    def view(self, shape, zero_is_placeholder: bool = True) -> "Tensor":
+        return view(self, shape, zero_is_placeholder)
+
+    def permute(self, dims: Sequence[int]) -> "Tensor":
+        return permute(self, dims)
+
+    def transpose(self, dim0: int, dim1: int) -> "Tensor":
+        return transpose(self, dim0, dim1)
+
+    def mean(self, dim, keepdim: bool = False) -> "Tensor":
+        return mean(self, dim, keepdim)
+
+    def sqrt(self) -> "Tensor":
+        return sqrt(self)
+
+    def cast(self, dtype) -> "Tensor":
+        return cast(self, dtype)
+
+    def unsqueeze(self, dim: int) -> "Tensor":
+        return unsqueeze(self, dim)
+
+    def split(self, split_size_or_sections, dim: int = 0):
+        return split(self, split_size_or_sections, dim)
+
+    def mark_output(self, name: str | None = None, dtype=None) -> None:
+        """Mirrors Tensor.mark_output on a strongly typed network: casts to ``dtype`` if given."""
+        tensor = self if dtype is None else cast(self, dtype)
+        default_net().mark_output(tensor, name or self.name)
+
+    def __add__(self, other): return add(self, other)
+    def __radd__(self, other): return add(other, self)
+    def __sub__(self, other): return sub(self, other)
+    def __rsub__(self, other): return sub(other, self)
+    def __mul__(self, other): return mul(self, other)
+    def __rmul__(self, other): return mul(other, self)
+    def __truediv__(self, other): return div(self, other)
+    def __gt__(self, other): return gt(self, other)
+    def __lt__(self, other): return lt(self, other)
+
+    def __repr__(self) -> str:
+        return f"Tensor(name={self.name!r}, dtype={self.dtype}, shape={list(self._shape)})"
+
+
+# ---------------------------------------------------------------- helpers
+
+def _numpy_dtype(dtype: str):
+    return DTYPES[dtype][1]
+
+
+def constant_to_tensor_(input, dtype=None, to_array: bool = True) -> Tensor:
+    """Mirrors functional.constant_to_tensor_: Python scalars become [1] constants (0-d without to_array)."""
+    if isinstance(input, Tensor):
+        return input
+    if dtype is None:
+        dtype = "bool" if isinstance(input, bool) else "int32" if isinstance(input, int) else "float32"
+    dtype = _dtype_name(dtype)
+    array = np.array([input] if to_array else input, dtype=_numpy_dtype(dtype))
+    return constant(array)
+
+
+def _broadcast_shape(*shapes: tuple[int, ...], op: str) -> tuple[int, ...]:
+    out = []
+    for dims in zip(*shapes):
+        static = {d for d in dims if d not in (1, -1)}
+        if len(static) > 1:
+            raise ValueError(f"{op}: shapes {[list(s) for s in shapes]} do not broadcast")
+        if static:
+            out.append(static.pop())
+        elif -1 in dims:
+            out.append(-1)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def expand_dims_like(left, right: Tensor) -> Tensor:
+    """Mirrors functional.expand_dims_like: scalars become constants, then rank is padded on the left."""
+    if not isinstance(left, Tensor):
+        dtype = right.dtype if right.dtype in ("float16", "bfloat16", "float32") and isinstance(left, float) else None
+        left = constant_to_tensor_(left, dtype if isinstance(left, float) else "int32")
+    left_ndim, right_ndim = left.ndim(), right.ndim()
+    if right_ndim > left_ndim:
+        return expand_dims(left, list(range(right_ndim - left_ndim)))
+    return left
+
+
+def broadcast_helper(left, right) -> tuple[Tensor, Tensor]:
+    """Mirrors functional.broadcast_helper on a strongly typed network: a scalar takes the other side's dtype."""
+    left = constant_to_tensor_(left, right.dtype if isinstance(right, Tensor) else None)
+    right = constant_to_tensor_(right, left.dtype)
+    if left.rank() < right.rank():
+        left = expand_dims_like(left, right)
+    elif left.rank() > right.rank():
+        right = expand_dims_like(right, left)
+    return left, right
+
+
+def _fold(values_a, values_b, fn):
+    if values_a is None or values_b is None:
+        return None
+    if len(values_a) == 1:
+        values_a = values_a * len(values_b)
+    if len(values_b) == 1:
+        values_b = values_b * len(values_a)
+    return [None if a is None or b is None else fn(a, b) for a, b in zip(values_a, values_b)]
+
+
+_BINARY = {
+    "add": ("Add", lambda a, b: a + b),
+    "sub": ("Sub", lambda a, b: a - b),
+    "mul": ("Mul", lambda a, b: a * b),
+    "div": ("Div", lambda a, b: a // b if isinstance(a, (int, np.integer)) else a / b),
+    "pow": ("Pow", None),
+    "gt": ("Greater", None),
+    "lt": ("Less", None),
+    "eq": ("Equal", None),
+    "maximum": ("Max", max),
+    "minimum": ("Min", min),
+}
+
+
+def elementwise_binary(left, right, op: str) -> Tensor:
+    """Mirrors functional.elementwise_binary: IElementWiseLayer after broadcast_helper."""
+    onnx_op, fold = _BINARY[op]
+    left, right = broadcast_helper(left, right)
+    if {left.dtype, right.dtype} == {"int32", "int64"}:  # the one implicit promotion TensorRT-LLM does
+        left, right = cast(left, "int64"), cast(right, "int64")
+    if left.dtype != right.dtype:
+        raise TypeError(f"{op}: operand dtypes differ ({left.dtype} vs {right.dtype}); "
+                        "a strongly typed TensorRT network rejects this: cast first")
+    shape = _broadcast_shape(left.shape, right.shape, op=op)
+    dtype = "bool" if op in ("gt", "lt", "eq") else left.dtype
+    value = _fold(left.known(), right.known(), fold) if fold and dtype in ("int32", "int64") else None
+    if onnx_op == "Pow" and dtype not in _FLOATS:
+        raise NotImplementedError(f"pow on {dtype} is not mirrored")
+    return default_net().add_node(onnx_op, [left, right], dtype, shape, value)
+
+
+def add(left, right): return elementwise_binary(left, right, "add")  # noqa: E704
+def sub(left, right): return elementwise_binary(left, right, "sub")  # noqa: E704
+def mul(left, right): return elementwise_binary(left, right, "mul")  # noqa: E704
+def div(left, right): return elementwise_binary(left, right, "div")  # noqa: E704
+def pow(left, right): return elementwise_binary(left, right, "pow")  # noqa: E704,A001
+def gt(left, right): return elementwise_binary(left, right, "gt")  # noqa: E704
+def lt(left, right): return elementwise_binary(left, right, "lt")  # noqa: E704
+def maximum(left, right): return elementwise_binary(left, right, "maximum")  # noqa: E704
+def minimum(left, right): return elementwise_binary(left, right, "minimum")  # noqa: E704
+
+
+# ---------------------------------------------------------------- the vocabulary
+
+def constant(ndarray: np.ndarray, as_dtype=None, as_shape=None) -> Tensor:
+    """Mirrors functional.constant (IConstantLayer)."""
+    if as_dtype is not None or as_shape is not None:
+        raise NotImplementedError("constant(as_dtype=, as_shape=) is not mirrored")
+    return default_net().add_constant(ndarray)
+
+
+def torch_to_numpy(x: torch.Tensor) -> np.ndarray:
+    """Mirrors tensorrt_llm._utils.torch_to_numpy; bfloat16 arrays use ml_dtypes."""
+    if x.dtype == torch.bfloat16:
+        return x.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.detach().cpu().numpy()
+
+
+def cast(input: Tensor, dtype) -> Tensor:
+    """Mirrors functional.cast (ICastLayer); casting to the same dtype returns the input itself."""
+    if not isinstance(dtype, str):
+        raise TypeError(f"cast: {dtype!r} is not a dtype name")
+    dtype = _dtype_name(dtype)
+    if input.dtype == dtype:
+        return input
+    return default_net().add_node("Cast", [input], dtype, input.shape, input.known(), to=DTYPES[dtype][0])
+
+
+def identity(input: Tensor) -> Tensor:
+    """Mirrors functional.identity (IIdentityLayer; the identity plugin is off by default)."""
+    return default_net().add_node("Identity", [input], input.dtype, input.shape, input.known())
+
+
+def matmul(input: Tensor, mat2: Tensor, transa: bool = False, transb: bool = False,
+           use_fp32_acc: bool = True) -> Tensor:
+    """Mirrors functional.matmul: fp16 x fp16 runs in fp32 by default; transposes act on the last two dims."""
+    use_fp32_acc = use_fp32_acc and input.dtype == "float16" and mat2.dtype == "float16"
+    if use_fp32_acc:
+        input, mat2 = cast(input, "float32"), cast(mat2, "float32")
+    input, mat2 = broadcast_helper(input, mat2)
+    if input.dtype != mat2.dtype:
+        raise TypeError(f"matmul: operand dtypes differ ({input.dtype} vs {mat2.dtype})")
+    if transa:
+        input = transpose(input, -2, -1)
+    if transb:
+        mat2 = transpose(mat2, -2, -1)
+    (m, k1), (k2, n) = input.shape[-2:], mat2.shape[-2:]
+    if -1 not in (k1, k2) and k1 != k2:
+        raise ValueError(f"matmul: inner dimensions differ: {list(input.shape)} x {list(mat2.shape)}")
+    batch = _broadcast_shape(input.shape[:-2], mat2.shape[:-2], op="matmul")
+    output = default_net().add_node("MatMul", [input, mat2], input.dtype, (*batch, m, n))
+    return cast(output, "float16") if use_fp32_acc else output
+
+
+def _shape_tensor_values(shape: Tensor) -> list | None:
+    if shape.ndim() != 1 or shape.shape[0] == -1:
+        raise ValueError(f"a shape tensor must be 1-D with a static length, got {list(shape.shape)}")
+    return shape.known() or [None] * shape.shape[0]
+
+
+def _as_shape_tensor(dims: Sequence[int]) -> Tensor:
+    return constant(np.asarray(dims, dtype=np.int64))
+
+
+def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
+    """Mirrors functional.view (IShuffleLayer reshape): 0 copies the input dim when zero_is_placeholder."""
+    if isinstance(shape, Tensor):
+        dims = _shape_tensor_values(shape)
+        shape_tensor = shape if shape.dtype == "int64" else cast(shape, "int64")
+    else:
+        dims = list(shape)
+        shape_tensor = _as_shape_tensor(dims)
+    if sum(1 for d in dims if d == -1) > 1:
+        raise ValueError(f"view: more than one inferred (-1) dimension in {dims}")
+    out = []
+    for i, d in enumerate(dims):
+        if d is None:
+            out.append(-1)
+        elif d == 0 and zero_is_placeholder:
+            out.append(input.shape[i])
+        else:
+            out.append(d)
+    if -1 in out and out.count(-1) == 1 and -1 not in input.shape and dims.count(-1) == 1:
+        known = math.prod(d for d in out if d != -1)
+        out[out.index(-1)] = math.prod(input.shape) // known if known else -1
+    value = None
+    if input.known() is not None and -1 not in out:
+        value = input.known()
+    return default_net().add_node("Reshape", [input, shape_tensor], input.dtype, out, value,
+                                  allowzero=0 if zero_is_placeholder else 1)
+
+
+def permute(input: Tensor, dims: Sequence[int]) -> Tensor:
+    """Mirrors functional.permute (IShuffleLayer second_transpose)."""
+    dims = [d % input.ndim() for d in dims]
+    if sorted(dims) != list(range(input.ndim())):
+        raise ValueError(f"permute: {dims} is not a permutation of {input.ndim()} dims")
+    return default_net().add_node("Transpose", [input], input.dtype, [input.shape[d] for d in dims], perm=dims)
+
+
+def transpose(input: Tensor, dim0: int, dim1: int) -> Tensor:
+    """Mirrors functional.transpose: a permute swapping two dims."""
+    dims = list(range(input.ndim()))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return permute(input, dims)
+
+
+def shape(input: Tensor, dim: int | None = None, cast_to_dtype=None, clip_before_cast=None) -> Tensor:
+    """Mirrors functional.shape: IShapeLayer (int64 in TensorRT 10); ``dim`` gives a 0-d tensor."""
+    if cast_to_dtype is not None or clip_before_cast is not None:
+        raise NotImplementedError("shape(cast_to_dtype=, clip_before_cast=) is not mirrored")
+    known = [None if d == -1 else d for d in input.shape]
+    full = default_net().add_node("Shape", [input], "int64", (input.ndim(),), known)
+    if dim is None:
+        return full
+    index = constant(np.asarray(dim, dtype=np.int64))
+    return default_net().add_node("Gather", [full, index], "int64", (), [known[dim]], axis=0)
+
+
+def concat(inputs: Sequence, dim: int = 0) -> Tensor:
+    """Mirrors functional.concat: Python ints become constants (int64 if any input is int64); 0-d inputs become [1]."""
+    if not inputs:
+        raise ValueError("concat of nothing")
+    to_int64 = any(isinstance(t, Tensor) and t.dtype == "int64" for t in inputs)
+    tensors = []
+    for t in inputs:
+        if not isinstance(t, Tensor):
+            t = constant_to_tensor_(t, "int64" if to_int64 else None)
+        elif to_int64 and t.dtype == "int32":
+            t = cast(t, "int64")
+        tensors.append(t.view([1]) if t.rank() == 0 else t)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"concat: inputs have different dtypes {sorted(dtypes)}")
+    axis = dim % tensors[0].ndim()
+    shape_out = list(tensors[0].shape)
+    sizes = [t.shape[axis] for t in tensors]
+    shape_out[axis] = -1 if -1 in sizes else sum(sizes)
+    value = None
+    if tensors[0].ndim() == 1 and all(t.known() is not None for t in tensors):
+        value = [v for t in tensors for v in t.known()]
+    elif tensors[0].ndim() == 1 and tensors[0].dtype in ("int32", "int64") and -1 not in sizes:
+        value = [v for t in tensors for v in (t.known() or [None] * t.shape[0])]
+    return default_net().add_node("Concat", tensors, tensors[0].dtype, shape_out, value, axis=axis)
+
+
+def expand_dims(input: Tensor, dim, shape_cast_dtype=None) -> Tensor:
+    """Mirrors functional.expand_dims: a view to a shape tensor with 1s at the output positions ``dim``."""
+    if shape_cast_dtype is not None:
+        raise NotImplementedError("expand_dims(shape_cast_dtype=) is not mirrored")
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    out_ndim = input.ndim() + len(dims)
+    dims = [d % out_ndim for d in dims]
+    input_shape = shape(input)
+    out_shapes, j = [], 0
+    for i in range(out_ndim):
+        if i in dims:
+            out_shapes.append(1)
+        else:
+            out_shapes.append(gather(input_shape, 0, j))
+            j += 1
+    return view(input, concat(out_shapes), zero_is_placeholder=False)
+
+
+def gather(input: Tensor, dim: int, indices) -> Tensor:
+    """Mirrors functional.gather (GatherElements semantics); used here on shape tensors."""
+    if isinstance(indices, int):
+        indices = constant(np.asarray([indices], dtype=np.int32))
+    if input.rank() != indices.rank():
+        raise ValueError("gather: input and indices must have the same rank")
+    dim = dim % input.ndim()
+    value = None
+    if input.known() is not None and indices.known() is not None and input.ndim() == 1:
+        value = [input.known()[int(i)] for i in indices.known()]
+    indices = cast(indices, "int64")
+    return default_net().add_node("GatherElements", [input, indices], input.dtype, indices.shape, value, axis=dim)
+
+
+def unsqueeze(input: Tensor, axis: int) -> Tensor:
+    """Mirrors functional.unsqueeze."""
+    if axis < 0:
+        axis = axis + input.ndim() + 1
+    return expand_dims(input, axis)
+
+
+def expand(input: Tensor, expand_shape: Tensor) -> Tensor:
+    """Mirrors functional.expand (an ISliceLayer with stride 0 on size-1 dims)."""
+    if not isinstance(expand_shape, Tensor):
+        raise TypeError("expand: expand_shape must be a shape Tensor (build it with concat)")
+    dims = _shape_tensor_values(expand_shape)
+    if len(dims) != input.ndim():
+        raise ValueError(f"expand: rank {input.ndim()} input, {len(dims)}-element shape")
+    for have, want in zip(input.shape, dims):
+        # TensorRT's slice would shrink such a dim; ONNX Expand would not: refuse rather than differ.
+        if want is not None and have not in (1, -1) and want != have:
+            raise NotImplementedError(f"expand of a dim of size {have} to {want} is not mirrored")
+    out = [-1 if want is None else want for want in dims]
+    return default_net().add_node("Expand", [input, cast(expand_shape, "int64")], input.dtype, out)
+
+
+def repeat_interleave(tensor: Tensor, repeats: int, dim: int) -> Tensor:
+    """Mirrors functional.repeat_interleave, which does not resolve a negative ``dim``."""
+    if dim < 0:
+        raise NotImplementedError("repeat_interleave with a negative dim: TensorRT-LLM inserts the axis at the front")
+    expanded_tensor = expand_dims(tensor, dim + 1)
+    tile_output_size = concat([repeats if i == dim + 1 else shape(expanded_tensor, i)
+                               for i in range(expanded_tensor.ndim())])
+    tile = expand(expanded_tensor, tile_output_size)
+    tile_reshape_size = [shape(tensor, i) for i in range(tensor.ndim())]
+    tile_reshape_size[dim] = tile_reshape_size[dim] * repeats
+    return tile.view(concat(tile_reshape_size))
+
+
+def slice(input: Tensor, starts, sizes, strides=None, mode=None, fill_value=None) -> Tensor:  # noqa: A001
+    """Mirrors functional.slice (ISliceLayer): starts and sizes, not ends."""
+    if mode is not None or fill_value is not None:
+        raise NotImplementedError("slice(mode=, fill_value=) is not mirrored")
+    ndim = input.ndim()
+    strides = [1] * ndim if strides is None else strides
+    if isinstance(strides, Tensor) or any(s < 1 for s in strides):
+        raise NotImplementedError("slice with a strides Tensor or non-positive strides is not mirrored")
+    starts_t = cast(starts, "int64") if isinstance(starts, Tensor) else _as_shape_tensor(starts)
+    sizes_t = cast(sizes, "int64") if isinstance(sizes, Tensor) else _as_shape_tensor(sizes)
+    strides_t = _as_shape_tensor(strides)
+    ends_t = starts_t + sizes_t * strides_t
+    size_values = _shape_tensor_values(sizes_t)
+    out = [-1 if s is None else s for s in size_values]
+    axes = _as_shape_tensor(list(range(ndim)))
+    return default_net().add_node("Slice", [input, starts_t, ends_t, axes, strides_t], input.dtype, out)
+
+
+def split(tensor: Tensor, split_size_or_sections, dim: int = 0) -> list[Tensor]:
+    """Mirrors functional.split: the split dim must be static; other dims may be dynamic."""
+    if tensor.is_dynamic(dim):
+        raise ValueError(f"split: dim {dim} of {list(tensor.shape)} is dynamic; TensorRT-LLM asserts it is static")
+    dim = dim % tensor.ndim()
+    total = tensor.shape[dim]
+    if isinstance(split_size_or_sections, int):
+        if total % split_size_or_sections:
+            raise ValueError(f"split: {total} is not divisible by {split_size_or_sections}")
+        sections = [split_size_or_sections] * (total // split_size_or_sections)
+    else:
+        sections = list(split_size_or_sections)
+        if sum(sections) != total:
+            raise ValueError(f"split: sections {sections} do not sum to {total}")
+    outputs, start = [], 0
+    for size in sections:
+        starts = [0] * tensor.ndim()
+        starts[dim] = start
+        sizes = [shape(tensor, i) if i != dim else size for i in range(tensor.ndim())]
+        outputs.append(slice(tensor, concat(starts), concat(sizes)))
+        start += size
+    return outputs
+
+
+def _unary(op: str, input: Tensor) -> Tensor:
+    if input.dtype not in _FLOATS:
+        raise NotImplementedError(f"{op} on {input.dtype} is not mirrored")
+    return default_net().add_node(op, [input], input.dtype, input.shape)
+
+
+def sqrt(input: Tensor) -> Tensor:
+    """Mirrors functional.sqrt (IUnaryLayer SQRT)."""
+    return _unary("Sqrt", input)
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    """Mirrors functional.sigmoid (IActivationLayer SIGMOID)."""
+    return _unary("Sigmoid", input)
+
+
+def silu(input: Tensor) -> Tensor:
+    """Mirrors functional.silu: input * sigmoid(input)."""
+    return input * sigmoid(input)
+
+
+def softmax(input: Tensor, dim: int | None = None) -> Tensor:
+    """Mirrors functional.softmax (ISoftMaxLayer): default dim is the last; no dtype upcast."""
+    dim = input.ndim() - 1 if dim is None else dim % input.ndim()
+    if input.dtype not in _FLOATS:
+        raise NotImplementedError(f"softmax on {input.dtype} is not mirrored")
+    return default_net().add_node("Softmax", [input], input.dtype, input.shape, axis=dim)
+
+
+def mean(input: Tensor, dim, keepdim: bool = False) -> Tensor:
+    """Mirrors functional.mean (IReduceLayer AVG)."""
+    dims = sorted(d % input.ndim() for d in ([dim] if isinstance(dim, int) else dim))
+    out = [1 if i in dims else s for i, s in enumerate(input.shape) if keepdim or i not in dims]
+    axes = _as_shape_tensor(dims)
+    return default_net().add_node("ReduceMean", [input, axes], input.dtype, out, keepdims=int(keepdim))
+
+
+def rms_norm(input: Tensor, normalized_shape, num_groups: int = 1, weight: Tensor | None = None,
+             eps: float = 1e-06) -> Tensor:
+    """Mirrors functional.rms_norm (no plugin): fp32 mean of squares, divide by the root, cast back, scale."""
+    if num_groups != 1:
+        raise NotImplementedError("rms_norm(num_groups != 1) is not mirrored")
+    normalized_shape = [normalized_shape] if isinstance(normalized_shape, int) else normalized_shape
+    dim = tuple(-i - 1 for i in range(len(normalized_shape)))
+    input_dtype = input.dtype
+    fp32_input = cast(input, "float32")
+    varx = pow(fp32_input, 2.0)
+    varx = varx.mean(dim=dim, keepdim=True)
+    denom = varx + eps
+    denom = denom.sqrt()
+    fp32_y = fp32_input / denom
+    y = cast(fp32_y, input_dtype)
+    if weight is not None:
+        y = y * weight
+    return y
+
+
+def where(condition, left, right) -> Tensor:
+    """Mirrors functional.where (ISelectLayer): scalar branches become int32/fp32 constants, never the other branch's dtype."""
+    condition = constant_to_tensor_(condition)
+    left, right = (constant_to_tensor_(t) for t in (left, right))
+    if left.dtype != right.dtype:
+        raise TypeError(f"where: branch dtypes differ ({left.dtype} vs {right.dtype})")
+    rank = max(t.rank() for t in (condition, left, right))
+    condition, left, right = (expand_dims(t, list(range(rank - t.rank()))) if t.rank() < rank else t
+                              for t in (condition, left, right))
+    shape_out = _broadcast_shape(condition.shape, left.shape, right.shape, op="where")
+    return default_net().add_node("Where", [condition, left, right], left.dtype, shape_out)
+
+
+def arange(start, end, dtype: str) -> Tensor:
+    """Mirrors functional.arange (IFillLayer LINSPACE, step 1): ints, or 0-d integer Tensors."""
+    dtype = _dtype_name(dtype)
+    if isinstance(start, int):
+        if not isinstance(end, int):
+            raise TypeError("arange: start and end must both be ints or both be Tensors")
+        int_dtype = "int32" if dtype == "int32" else "int64"
+        start = constant(np.asarray(start, dtype=_numpy_dtype(int_dtype)))
+        end = constant(np.asarray(end, dtype=_numpy_dtype(int_dtype)))
+    elif not isinstance(end, Tensor) or start.dtype not in ("int32", "int64") or start.rank() != 0:
+        raise TypeError("arange: Tensor start and end must be 0-d integer tensors")
+    if {start.dtype, end.dtype} == {"int32", "int64"}:
+        start, end = cast(start, "int64"), cast(end, "int64")
+    step = constant(np.asarray(1, dtype=_numpy_dtype(start.dtype)))
+    count = _fold(end.known(), start.known(), lambda a, b: a - b)
+    length = -1 if count is None or count[0] is None else int(count[0])
+    value = None if length == -1 else [int(start.known()[0]) + i for i in range(length)] if length <= 16 else None
+    tensor = default_net().add_node("Range", [start, end, step], start.dtype, (length,), value)
+    return cast(tensor, dtype)
+
+
+def embedding(input: Tensor, weight: Tensor, tp_size: int = 1, tp_group=None, sharding_dim: int = 0,
+              tp_rank=None, per_token_scale=None, padding=None) -> Tensor:
+    """Mirrors functional.embedding without tensor parallelism: IGatherLayer on axis 0."""
+    if tp_size != 1 or per_token_scale is not None or padding is not None:
+        raise NotImplementedError("embedding with tensor parallelism, per_token_scale or padding is not mirrored")
+    if input.dtype not in ("int32", "int64"):
+        raise TypeError(f"embedding: indices must be integers, got {input.dtype}")
+    return default_net().add_node("Gather", [weight, input], weight.dtype, (*input.shape, *weight.shape[1:]), axis=0)
+
+
+class RopeEmbeddingUtils:
+    """Mirrors the parts of functional.RopeEmbeddingUtils the port uses."""
+
+    @staticmethod
+    def create_sinusoidal_positions(num_pos: int, dim: int, theta: float = 10000.0, dtype=np.float32):
+        inv_freq = 1.0 / (theta**(np.arange(0, dim, 2) / dim)).astype(dtype)
+        sinusoid_inp = np.einsum("i , j -> i j", np.arange(num_pos, dtype=dtype), inv_freq, dtype=dtype)
+        concat_ = np.concatenate((np.sin(sinusoid_inp), np.cos(sinusoid_inp)), axis=1)
+        return np.expand_dims(concat_, axis=0).astype(dtype)
+
+    @staticmethod
+    def rotate_half(tensor: Tensor) -> Tensor:
+        """[b, heads, s, d]: concat(-x[..., d/2:], x[..., :d/2])."""
+        if tensor.ndim() != 4:
+            raise ValueError("rotate_half expects a 4-D tensor")
+        shape_tensor = concat([shape(tensor, i) / 2 if i == tensor.ndim() - 1 else shape(tensor, i)
+                               for i in range(tensor.ndim())])
+        last_dim = shape(tensor, tensor.ndim() - 1) / 2
+        x1 = slice(tensor, [0, 0, 0, 0], shape_tensor, [1, 1, 1, 1])
+        x2 = slice(tensor, concat([0, 0, 0, last_dim]), shape_tensor, [1, 1, 1, 1])
+        zero = constant(np.ascontiguousarray(np.zeros([1], dtype=_numpy_dtype(tensor.dtype))))
+        x2 = zero - x2
+        return concat([x2, x1], 3)
+
+    @staticmethod
+    def rotate_every_two(tensor: Tensor) -> Tensor:
+        """[b, heads, s, d]: out[..., 2i] = -x[..., 2i+1], out[..., 2i+1] = x[..., 2i] (GPT-J)."""
+        if tensor.ndim() != 4:
+            raise ValueError("rotate_every_two expects a 4-D tensor")
+        shape_tensor = concat([shape(tensor, i) / 2 if i == tensor.ndim() - 1 else shape(tensor, i)
+                               for i in range(tensor.ndim())])
+        x1 = slice(tensor, [0, 0, 0, 0], shape_tensor, [1, 1, 1, 2])
+        x2 = slice(tensor, [0, 0, 0, 1], shape_tensor, [1, 1, 1, 2])
+        x1 = expand_dims(x1, 4)
+        x2 = expand_dims(x2, 4)
+        zero = constant(np.ascontiguousarray(np.zeros([1], dtype=_numpy_dtype(tensor.dtype))))
+        x2 = zero - x2
+        x = concat([x2, x1], 4)
+        return view(x, concat([shape(x, 0), shape(x, 1), shape(x, 2), shape(x, 3) * 2]))

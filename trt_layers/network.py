@@ -1,0 +1,228 @@
+"""Build trt_layers graphs into runnable engines, with their taps marked as outputs.
+
+Two backends run the same component code (``modeling.py``):
+
+* ``trtllm``: a real TensorRT engine, built by TensorRT-LLM's ``Builder`` inside ``net_guard``
+  and run by polygraphy's ``TrtRunner`` (needs tensorrt_llm and a CUDA GPU);
+* ``onnx``: the ONNX lowering (``lowering.py``), run by ONNX Runtime through polygraphy's
+  ``OnnxrtRunner`` on the CPU.
+
+Batch, sequence and cache lengths are dynamic dimensions in both, so one engine serves every
+shape of a test and component code sees -1 for them, as in TensorRT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from reference import DeciCoderConfig
+from reference.taps import component_outputs
+from reference.inputs import past_names
+
+from . import functional as F
+from . import lowering
+from .modeling import COMPONENT_GRAPHS
+from .weights import to_trtllm
+
+TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str  # TensorRT-LLM dtype name
+    dims: tuple[int | str, ...]  # an int is static; a str names a dynamic dimension
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(-1 if isinstance(d, str) else d for d in self.dims)
+
+
+def dim_ranges(config: DeciCoderConfig) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic dimension: the optimization profile of a TensorRT engine."""
+    context = config.max_position_embeddings
+    return {"batch": (1, 2, 8), "seq": (1, 8, context), "past": (0, 8, context)}
+
+
+def input_specs(component: str, config: DeciCoderConfig, dtype: torch.dtype, decode: bool) -> list[InputSpec]:
+    """Graph inputs of ``component``, named as ``reference.inputs.make_inputs`` names them."""
+    act = TORCH_TO_TRTLLM_DTYPE[dtype]
+    kv, d = config.num_key_value_heads, config.head_dim
+
+    def heads(name, num_heads, length="seq"):
+        return InputSpec(name, act, ("batch", num_heads, length, d))
+
+    positions = InputSpec("position_ids", "int32", ("batch", "seq"))
+    hidden = InputSpec("hidden_states", act, ("batch", "seq", config.hidden_size))
+    past = [heads(name, kv, "past") for name in past_names()]
+    specs = {
+        "repeat_kv": [heads("k", kv), heads("v", kv)],
+        "rope": [heads("q", config.num_attention_heads), heads("k", kv), positions],
+        "gqa_masked": [hidden, positions],
+        "gqa_unmasked": [hidden, positions, *past],
+        "mlp": [hidden],
+        "rmsnorm": [hidden],
+        "decoder_layer": [hidden, positions, *(past if decode else [])],
+        "causal_lm": [InputSpec("input_ids", "int32", ("batch", "seq")), positions,
+                      *(heads(name, kv, "past") for i in range(config.num_hidden_layers) if decode
+                        for name in past_names(i))],
+    }
+    return specs[component]
+
+
+@contextlib.contextmanager
+def quiet_polygraphy() -> Iterator[None]:
+    """Silence polygraphy's log inside the block: its results come back as values."""
+    from polygraphy.logger import G_LOGGER
+
+    previous = G_LOGGER.module_severity, G_LOGGER.colors
+    G_LOGGER.module_severity, G_LOGGER.colors = G_LOGGER.CRITICAL, False
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity, G_LOGGER.colors = previous
+
+
+class Engine(ABC):
+    backend: str
+
+    @abstractmethod
+    def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """Run on named inputs; returns every marked output."""
+
+
+class Backend(ABC):
+    name: str
+    description: str
+
+    @abstractmethod
+    def build(self, name: str, specs: list[InputSpec], graph: Callable[[dict], dict], config: DeciCoderConfig,
+              dtype: torch.dtype) -> Engine:
+        """Build ``graph`` (inputs -> taps) with every tap marked as an output, in order."""
+
+
+def mark_taps(taps: dict) -> None:
+    """Mark each tap as an output; a tensor that is two taps gets an identity for the second,
+    since TensorRT names a tensor once."""
+    seen = set()
+    for name, tensor in taps.items():
+        if id(tensor) in seen:
+            tensor = F.identity(tensor)
+        seen.add(id(tensor))
+        tensor.mark_output(name, tensor.dtype)
+
+
+class OnnxEngine(Engine):
+    backend = "onnx"
+
+    def __init__(self, model: onnx.ModelProto):
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        self.model = model
+        with quiet_polygraphy():
+            session = SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"])()
+        self._runner = OnnxrtRunner(session, name="onnx-lowering")
+
+    def infer(self, feed):
+        with quiet_polygraphy(), self._runner as runner:
+            return runner.infer(feed)
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+
+    @property
+    def description(self) -> str:
+        import onnxruntime
+
+        return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU)"
+
+    def build(self, name, specs, graph, config, dtype) -> OnnxEngine:
+        network = lowering.Network(name)
+        with lowering.net_guard(network), F.use(lowering):
+            inputs = {s.name: network.add_input(s.name, s.dtype, s.shape, [d if isinstance(d, str) else None
+                                                                         for d in s.dims]) for s in specs}
+            mark_taps(graph(inputs))
+        return OnnxEngine(network.to_onnx())
+
+
+class TrtllmEngine(Engine):
+    backend = "trtllm"
+
+    def __init__(self, serialized_engine):
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self._runner = TrtRunner(EngineFromBytes(serialized_engine), name="tensorrt-llm")
+
+    def infer(self, feed):
+        with quiet_polygraphy(), self._runner as runner:
+            return runner.infer(feed)
+
+
+class TrtllmBackend(Backend):
+    """TensorRT-LLM's functional API on a strongly typed network, as its own unit tests build them."""
+
+    name = "trtllm"
+
+    @property
+    def description(self) -> str:
+        return f"TensorRT-LLM {importlib.import_module('tensorrt_llm').__version__} engine (TensorRT, CUDA)"
+
+    def build(self, name, specs, graph, config, dtype) -> TrtllmEngine:
+        import tensorrt as trt
+        from tensorrt_llm._utils import str_dtype_to_trt
+        from tensorrt_llm.builder import Builder
+        from tensorrt_llm.functional import Tensor
+        from tensorrt_llm.network import net_guard
+
+        ranges = dim_ranges(config)
+        builder = Builder()
+        network = builder.create_network()
+        with net_guard(network), F.use(F.tensorrt_llm_ops()):
+            inputs = {}
+            for spec in specs:
+                # Every input gets a dim_range, so Builder.build_engine derives the optimization profile.
+                dim_range = OrderedDict(
+                    (d, [list(ranges[d])]) if isinstance(d, str) else (f"{spec.name}_dim{k}", [d])
+                    for k, d in enumerate(spec.dims))
+                inputs[spec.name] = Tensor(name=spec.name, dtype=str_dtype_to_trt(spec.dtype), shape=list(spec.shape),
+                                           dim_range=dim_range)
+            mark_taps(graph(inputs))
+        builder_config = builder.create_builder_config(precision=TORCH_TO_TRTLLM_DTYPE[dtype])
+        builder_config.trt_builder_config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would blur fp32 parity
+        serialized = builder.build_engine(network, builder_config)
+        if serialized is None:
+            raise RuntimeError(f"TensorRT failed to build the {name} engine")
+        return TrtllmEngine(serialized)
+
+
+BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBackend}
+
+
+def build_component(component: str, config: DeciCoderConfig, state_dict: dict[str, torch.Tensor],
+                    dtype: torch.dtype, backend: Backend, decode: bool = False) -> Engine:
+    """Build ``component`` (layer 0 for single-layer components) from reference weights.
+
+    ``decode`` adds past K/V inputs to decoder_layer and causal_lm (gqa_unmasked always has them).
+    The graph must emit exactly the registry's taps, in order.
+    """
+    weights = to_trtllm(state_dict, config)
+    expected = list(component_outputs(component, config.num_hidden_layers))
+
+    def graph(inputs):
+        taps = COMPONENT_GRAPHS[component](inputs, weights, config, dtype)
+        if list(taps) != expected:
+            raise AssertionError(f"{component} emitted {list(taps)}, the registry says {expected}")
+        return taps
+
+    specs = input_specs(component, config, dtype, decode or component == "gqa_unmasked")
+    return backend.build(f"{component}_{'decode' if decode else 'prefill'}", specs, graph, config, dtype)
