@@ -2,8 +2,8 @@
 
 polygraphy decides pass/fail (elementwise ``|a - b| <= atol + rtol * |b|``, b golden, with
 atol scaled by the tap's magnitude, see ``tap_atol``) and computes the error statistics and
-cosine similarity; this module adds what polygraphy lacks:
-tap ordering, the first diverging tap, and a readable table.
+cosine similarity; this module adds what polygraphy lacks: tap ordering, the first diverging
+tap, and a readable table.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from polygraphy.comparator import (
-    CosineSimilarityCompareFunc,
-    IterationResult,
-    SimpleCompareFunc,
-)
+from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
+
+from trt_layers.network import quiet_polygraphy
 
 
 @dataclass(frozen=True)
