@@ -1,24 +1,42 @@
-"""Backend detection for the pytest header and for skipping tests a machine cannot run."""
+"""Backend detection and selection, shared fixtures, and skips for what a machine cannot run."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from parity.backends import detect, skip_reason
+from parity.backends import CANDIDATES, detect, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from reference import DeciCoderConfig, random_model
 
 HARDWARE_MARKERS = ("trtllm", "tensorrt", "gpu")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--backend", choices=("auto", *CANDIDATES, "all"), default="auto",
+                     help="candidate backend for trt_layers tests: onnx (the ONNX lowering on ONNX Runtime), "
+                          "trtllm (TensorRT-LLM engines), all; auto = trtllm where importable with a GPU, else onnx")
+
+
 def pytest_report_header(config):
-    backends = detect().values()
-    return ["backends: " + " | ".join(str(b) for b in backends)]
+    selected, why = resolve_candidates(config.getoption("--backend"))
+    return ["backends: " + " | ".join(str(b) for b in detect().values()),
+            f"candidate backend: {', '.join(selected)} ({why})"]
 
 
 def pytest_collection_modifyitems(config, items):
+    selected, why = resolve_candidates(config.getoption("--backend"))
     for item in items:
         for marker in HARDWARE_MARKERS:
             if marker in item.keywords and (reason := skip_reason(marker)):
                 item.add_marker(pytest.mark.skip(reason=f"needs {marker}: {reason}"))
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        backend = getattr(case, "backend", None)
+        if backend is None:
+            continue
+        if backend not in selected:
+            item.add_marker(pytest.mark.skip(reason=f"{backend} not selected ({why}); --backend all runs both"))
+        elif backend == "onnx" and case.dtype == "bf16" and (reason := onnxruntime_bf16_gap()):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)
@@ -39,21 +57,57 @@ def tiny_model(tiny_config):
 # Attention layouts of the tiny model (8 query heads): ids avoid component names so that
 # `pytest -k gqa` selects the attention tests only.
 KV_HEADS = {"kvheads8": 8, "kvheads2": 2, "kvheads1": 1}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.fixture(scope="session")
-def oracle_pair(tiny_config):
-    """(reference, transformers Llama) with the same seeded weights, per KV-head count and dtype."""
-    from dataclasses import replace
+def reference_model(tiny_config):
+    """The tiny reference with seeded weights, per KV-head count and dtype (built once)."""
+    models = {}
 
+    def make(kv_heads: int, dtype: torch.dtype):
+        if (kv_heads, dtype) not in models:
+            config = replace(tiny_config, num_key_value_heads=kv_heads)
+            models[kv_heads, dtype] = random_model(config, seed=0, dtype=dtype)
+        return models[kv_heads, dtype]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def oracle_pair(reference_model):
+    """(reference, transformers Llama) with the same weights, per KV-head count and dtype."""
     from reference.oracle import llama_from_reference
 
     pairs = {}
 
     def make(kv_heads: int, dtype: torch.dtype):
         if (kv_heads, dtype) not in pairs:
-            model = random_model(replace(tiny_config, num_key_value_heads=kv_heads), seed=0, dtype=dtype)
+            model = reference_model(kv_heads, dtype)
             pairs[kv_heads, dtype] = model, llama_from_reference(model)
         return pairs[kv_heads, dtype]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def parity_check(reference_model):
+    """Run a tests.cases.Case: golden reference vs a trt_layers engine (engines built once per graph)."""
+    from contextlib import nullcontext
+
+    from parity.check import build_candidate, check_component, needs_decode_graph
+    from trt_layers.network import BACKENDS
+
+    engines = {}
+
+    def run(case):
+        model = reference_model(KV_HEADS[case.layout], DTYPES[case.dtype])
+        backend = BACKENDS[case.backend]()
+        decode = needs_decode_graph(case.component, case.shape)
+        key = (case.component, case.layout, case.dtype, case.backend, decode, case.bug)
+        if key not in engines:
+            with case.bug.injected() if case.bug else nullcontext():
+                engines[key] = build_candidate(case.component, model, backend, decode)
+        return check_component(case.component, model, engines[key], backend.description, case.shape)
+
+    return run

@@ -44,3 +44,35 @@ def skip_reason(marker: str) -> str | None:
     needs = {"trtllm": ("tensorrt_llm", "cuda"), "tensorrt": ("tensorrt", "cuda"), "gpu": ("cuda",)}[marker]
     missing = [backends[name] for name in needs if not backends[name].available]
     return "; ".join(str(b) for b in missing) or None
+
+
+CANDIDATES = ("onnx", "trtllm")
+
+
+def resolve_candidates(option: str) -> tuple[tuple[str, ...], str]:
+    """The candidate backends to run for ``--backend`` (auto, onnx, trtllm, all), and why."""
+    if option == "all":
+        return CANDIDATES, "--backend all"
+    if option in CANDIDATES:
+        return (option,), f"--backend {option}"
+    if skip_reason("trtllm") is None:
+        return ("trtllm",), "auto: tensorrt_llm and a GPU are present"
+    return ("onnx",), f"auto: {skip_reason('trtllm')}"
+
+
+@cache
+def onnxruntime_bf16_gap() -> str | None:
+    """Why ONNX Runtime cannot run the lowering's bfloat16 graphs here, or None if it can."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 2])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "probe", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0][:160]
+        return f"onnxruntime {onnxruntime.__version__} has no CPU bfloat16 MatMul kernel ({first_line})"
+    return None

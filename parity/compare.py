@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
+from polygraphy.comparator import (
+    CosineSimilarityCompareFunc,
+    IterationResult,
+    SimpleCompareFunc,
+)
 
 from trt_layers.network import quiet_polygraphy
 
@@ -116,16 +120,21 @@ def format_table(results: list[TapResult], title: str) -> str:
     return "\n".join(lines)
 
 
+def failure_message(results: list[TapResult], title: str) -> str | None:
+    """None if every tap passed; else the first diverging tap with its figures, and the table."""
+    first = first_failure(results)
+    if first is None:
+        return None
+    return (f"{title}: first diverging tap {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e}, "
+            f"cosine {first.cosine:.6f}{', ' + first.note if first.note else ''})\n" + format_table(results, title))
+
+
 def assert_parity(
     golden: Mapping[str, object], candidate: Mapping[str, object], dtype: torch.dtype,
     order: Iterable[str] | None = None, title: str = "",
 ) -> list[TapResult]:
     """Raise AssertionError naming the first diverging tap, with the full table, if any tap fails."""
     results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
-    first = first_failure(results)
-    if first is not None:
-        raise AssertionError(
-            f"first diverging tap: {first.name} (max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e}, "
-            f"cosine {first.cosine:.6f}{', ' + first.note if first.note else ''})\n" + format_table(results, title)
-        )
+    if (message := failure_message(results, title)) is not None:
+        raise AssertionError(message)
     return results

@@ -43,6 +43,8 @@ def make_inputs(component: str, config: DeciCoderConfig, shape: CaseShape, dtype
         return normal(b, num_heads, length, config.head_dim)  # [b, heads, length, head_dim]
 
     def hidden_states() -> torch.Tensor:
+        if component not in ("rmsnorm", "decoder_layer"):
+            return normal(b, s, config.hidden_size)  # attention and MLP read RMS-normalised activations
         # A residual stream's tokens differ in scale: per-token RMS from 1e-3 to 10, so a wrong
         # RMSNorm eps (which only matters for small tokens) moves the output.
         rms = 10.0 ** (torch.rand(b, s, 1, generator=generator) * 4.0 - 3.0)

@@ -12,13 +12,12 @@ import copy
 import pytest
 import torch
 
-from conftest import KV_HEADS
+from conftest import DTYPES, KV_HEADS
 from parity.compare import TOLERANCES, assert_parity, compare_taps, first_failure
 from reference import modeling
 from reference.inputs import CaseShape
 from reference.oracle import ORACLE_COMPONENTS, run_case
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (batch, seq_len, past_len). Components with a cache (or positions) also run decode shapes.
 PREFILL_SHAPES = [(1, 1, 0), (3, 7, 0), (1, 64, 0)]
 DECODE_SHAPES = [(1, 1, 5), (3, 1, 100), (3, 7, 5)]

@@ -24,7 +24,6 @@ TENSORRT_LLM_VERSION = "1.2.1"
 # (view, permute, transpose, cast, unsqueeze, mean, sqrt, mark_output, shape, ndim, + - * / >)
 # come with the Tensor class.
 VOCABULARY = {
-    "Tensor": "tensorrt_llm.functional",
     "RopeEmbeddingUtils": "tensorrt_llm.functional",
     "arange": "tensorrt_llm.functional",
     "cast": "tensorrt_llm.functional",
@@ -32,14 +31,12 @@ VOCABULARY = {
     "constant": "tensorrt_llm.functional",
     "embedding": "tensorrt_llm.functional",
     "expand": "tensorrt_llm.functional",
-    "expand_dims": "tensorrt_llm.functional",
     "identity": "tensorrt_llm.functional",
     "matmul": "tensorrt_llm.functional",
     "repeat_interleave": "tensorrt_llm.functional",
     "rms_norm": "tensorrt_llm.functional",
     "shape": "tensorrt_llm.functional",
     "silu": "tensorrt_llm.functional",
-    "slice": "tensorrt_llm.functional",
     "softmax": "tensorrt_llm.functional",
     "split": "tensorrt_llm.functional",
     "unsqueeze": "tensorrt_llm.functional",

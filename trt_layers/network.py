@@ -25,13 +25,13 @@ import onnx
 import torch
 
 from reference import DeciCoderConfig
-from reference.taps import component_outputs
 from reference.inputs import past_names
+from reference.taps import component_outputs
 
 from . import functional as F
 from . import lowering
+from . import weights as weight_mapping
 from .modeling import COMPONENT_GRAPHS
-from .weights import to_trtllm
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -119,6 +119,12 @@ def mark_taps(taps: dict) -> None:
             tensor = F.identity(tensor)
         seen.add(id(tensor))
         tensor.mark_output(name, tensor.dtype)
+
+
+def to_feed(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Engine inputs from golden inputs: token and position ids as int32, as TensorRT-LLM feeds them."""
+    return {name: lowering.torch_to_numpy(t.to(torch.int32) if t.dtype == torch.int64 else t)
+            for name, t in inputs.items()}
 
 
 class OnnxEngine(Engine):
@@ -215,7 +221,7 @@ def build_component(component: str, config: DeciCoderConfig, state_dict: dict[st
     ``decode`` adds past K/V inputs to decoder_layer and causal_lm (gqa_unmasked always has them).
     The graph must emit exactly the registry's taps, in order.
     """
-    weights = to_trtllm(state_dict, config)
+    weights = weight_mapping.to_trtllm(state_dict, config)
     expected = list(component_outputs(component, config.num_hidden_layers))
 
     def graph(inputs):

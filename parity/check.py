@@ -1,0 +1,62 @@
+"""One parity check: a component of the reference (golden) against a trt_layers engine (candidate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reference import DeciCoderForCausalLM
+from reference.components import run_component
+from reference.inputs import DECODE_COMPONENTS, CaseShape, make_inputs
+from reference.taps import component_outputs
+from trt_layers.network import Backend, Engine, build_component, to_feed
+
+from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
+
+
+def needs_decode_graph(component: str, shape: CaseShape) -> bool:
+    """Whether ``shape`` runs the component's decode graph (past K/V inputs)."""
+    return component == "gqa_unmasked" or (component in DECODE_COMPONENTS and shape.past_len > 0)
+
+
+def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backend, decode: bool) -> Engine:
+    dtype = model.lm_head.weight.dtype
+    return build_component(component, model.config, model.state_dict(), dtype, backend, decode)
+
+
+@dataclass
+class CheckResult:
+    component: str
+    backend: str  # a description of the candidate backend
+    dtype: torch.dtype
+    shape: CaseShape
+    results: list[TapResult]
+
+    @property
+    def first_failure(self) -> TapResult | None:
+        return first_failure(self.results)
+
+    def title(self) -> str:
+        s = self.shape
+        return (f"{self.component} [{self.backend}] {str(self.dtype).removeprefix('torch.')} "
+                f"batch {s.batch} seq {s.seq_len} past {s.past_len} seed {s.seed}")
+
+    def table(self) -> str:
+        return format_table(self.results, self.title())
+
+    def assert_passed(self) -> None:
+        if (message := failure_message(self.results, self.title())) is not None:
+            raise AssertionError(message)
+
+
+def check_component(component: str, model: DeciCoderForCausalLM, engine: Engine, backend_description: str,
+                    shape: CaseShape) -> CheckResult:
+    """Run golden and candidate on the same seeded inputs and compare every tap, in order."""
+    dtype = model.lm_head.weight.dtype
+    inputs = make_inputs(component, model.config, shape, dtype)
+    golden = run_component(component, model, inputs)
+    candidate = engine.infer(to_feed(inputs))
+    order = component_outputs(component, model.config.num_hidden_layers)
+    results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
+    return CheckResult(component, backend_description, dtype, shape, results)

@@ -1,0 +1,68 @@
+"""Parameter cases for the trt_layers parity tests: one list per component, readable ids.
+
+Ids read ``component-backend-layout-dtype-bB-sS-pP`` so that ``pytest -k rope`` (or gqa,
+mlp, ...) selects a component, ``-k onnx`` a backend and ``-k fp16`` a dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import DTYPES, KV_HEADS
+from parity.backends import CANDIDATES
+from reference.inputs import CaseShape
+from trt_layers.bugs import BUGS, Bug
+
+BATCHES = (1, 3)
+SEQ_LENS = (1, 7, 64)
+PAST_LENS = (0, 5, 100)
+# Components whose result depends on the cache length (rope through its position offset).
+USES_PAST = ("rope", "gqa_unmasked", "decoder_layer", "causal_lm")
+
+
+@dataclass(frozen=True)
+class Case:
+    component: str
+    backend: str
+    layout: str  # a key of KV_HEADS
+    dtype: str  # a key of DTYPES
+    shape: CaseShape
+    bug: Bug | None = None
+
+    @property
+    def id(self) -> str:
+        s = self.shape
+        head = self.bug.name if self.bug else self.component
+        return f"{head}-{self.backend}-{self.layout}-{self.dtype}-b{s.batch}-s{s.seq_len}-p{s.past_len}"
+
+
+def _param(case: Case):
+    marks = [pytest.mark.trtllm] if case.backend == "trtllm" else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+def parity_cases(component: str) -> list:
+    """Every backend x KV layout x dtype x batch x sequence (x cache length where it matters)."""
+    pasts = PAST_LENS if component in USES_PAST else (0,)
+    grid = itertools.product(CANDIDATES, KV_HEADS, DTYPES, BATCHES, SEQ_LENS, pasts)
+    return [_param(Case(component, backend, layout, dtype, CaseShape(batch, seq, past)))
+            for backend, layout, dtype, batch, seq, past in grid]
+
+
+def bug_cases(component: str) -> list:
+    """Each catalog bug that this component's check must catch, on every backend.
+
+    fp32 and GQA 4:1: two KV heads of four query heads each, so that a KV-head order bug shows.
+    """
+    return [_param(Case(component, backend, "kvheads2", "fp32", bug.shape, bug))
+            for bug in BUGS.values() if bug.component == component for backend in CANDIDATES]
+
+
+def assert_bug_localized(result, bug: Bug) -> None:
+    first = result.first_failure
+    assert first is not None, f"{bug.name} ({bug.description}) went unnoticed:\n{result.table()}"
+    assert first.name == bug.first_tap, (
+        f"{bug.name}: expected the first divergence at {bug.first_tap}, got {first.name}\n{result.table()}")

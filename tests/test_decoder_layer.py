@@ -1,0 +1,15 @@
+"""trt_layers decoder_layer against the reference, tap by tap, on every candidate backend."""
+
+import pytest
+
+from cases import assert_bug_localized, bug_cases, parity_cases
+
+
+@pytest.mark.parametrize("case", parity_cases("decoder_layer"))
+def test_decoder_layer_matches_reference(parity_check, case):
+    parity_check(case).assert_passed()
+
+
+@pytest.mark.parametrize("case", bug_cases("decoder_layer"))
+def test_decoder_layer_bug_is_localized(parity_check, case):
+    assert_bug_localized(parity_check(case), case.bug)

@@ -1,0 +1,15 @@
+"""trt_layers repeat_kv against the reference, tap by tap, on every candidate backend."""
+
+import pytest
+
+from cases import assert_bug_localized, bug_cases, parity_cases
+
+
+@pytest.mark.parametrize("case", parity_cases("repeat_kv"))
+def test_repeat_kv_matches_reference(parity_check, case):
+    parity_check(case).assert_passed()
+
+
+@pytest.mark.parametrize("case", bug_cases("repeat_kv"))
+def test_repeat_kv_bug_is_localized(parity_check, case):
+    assert_bug_localized(parity_check(case), case.bug)

@@ -1,0 +1,131 @@
+"""A catalog of realistic porting bugs, injectable into the trt_layers side.
+
+Each bug replaces one named piece of the port (a helper in ``modeling.py`` or an entry of the
+weight mapping) while it is injected, so the component code itself carries no bug switches.
+Each names the component check that must catch it, the case that exposes it, and the first
+tap where the divergence must be reported. The tests, and later the command line, use this
+one catalog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from reference.inputs import CaseShape
+
+from . import functional as F
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    description: str
+    target: str  # "module:attribute" replaced while injected
+    patch: Callable  # original attribute -> replacement
+    component: str  # the component check that catches it
+    first_tap: str  # where that check must report the first divergence
+    shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case that exposes it (with GQA, 2 KV heads)
+
+    @contextlib.contextmanager
+    def injected(self) -> Iterator[None]:
+        module_name, attribute = self.target.split(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute)
+        setattr(module, attribute, self.patch(original))
+        try:
+            yield
+        finally:
+            setattr(module, attribute, original)
+
+
+def _rotate_every_two(original):
+    def rotate_half(x):
+        return F.RopeEmbeddingUtils.rotate_every_two(x)
+    return rotate_half
+
+
+def _positions_from_zero(original):
+    def rope_positions(position_ids):
+        zero = F.constant(np.asarray(0, dtype=np.int32))
+        positions = F.unsqueeze(F.arange(zero, F.shape(position_ids, 1), "int32"), 0)  # [1, s]: 0..s-1
+        return F.expand(positions, F.concat([F.shape(position_ids, 0), F.shape(position_ids, 1)]))
+    return rope_positions
+
+
+def _tiled_repeat_kv(original):
+    def repeat_kv(x, n_rep):
+        return x if n_rep == 1 else F.concat([x] * n_rep, dim=1)  # heads 0,1,0,1 instead of 0,0,1,1
+    return repeat_kv
+
+
+def _no_causal_mask(original):
+    from .modeling import no_mask
+
+    return no_mask
+
+
+def _causal_decode(original):
+    from .modeling import causal_mask
+
+    return causal_mask
+
+
+def _append_before_past(original):
+    def append_kv(past, new):
+        return F.concat([new, past], dim=2)
+    return append_kv
+
+
+def _swapped(a: str, b: str):
+    def patch(table):
+        return {**table, a: table[b], b: table[a]}
+    return patch
+
+
+def _default_eps(original):
+    def rmsnorm(x, weights, name, config, dtype):
+        from .modeling import param
+
+        return F.rms_norm(x, config.hidden_size, weight=param(weights, name, dtype))  # eps left at 1e-6
+    return rmsnorm
+
+
+def _tied_lm_head(original):
+    def to_trtllm(state_dict, config):
+        weights = original(state_dict, config)
+        return {**weights, "lm_head.weight": weights["transformer.vocab_embedding.weight"]}
+    return to_trtllm
+
+
+_DECODE = CaseShape(batch=2, seq_len=7, past_len=5)
+
+BUGS: dict[str, Bug] = {bug.name: bug for bug in [
+    Bug("rope_interleaved", "GPT-J interleaved rotation (TensorRT-LLM's default rope_gptj) instead of rotate-half",
+        "trt_layers.modeling:rotate_half", _rotate_every_two, "rope", "q_rot"),
+    Bug("rope_offset_forgotten", "decode positions restart at 0 instead of continuing after the cache",
+        "trt_layers.modeling:rope_positions", _positions_from_zero, "rope", "cos", _DECODE),
+    Bug("repeat_kv_tiled", "KV heads tiled (0,1,0,1) instead of each repeated in place (0,0,1,1)",
+        "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep"),
+    Bug("causal_mask_missing", "prefill attention without the causal mask",
+        "trt_layers.modeling:causal_mask", _no_causal_mask, "gqa_masked", "probs"),
+    Bug("decode_masked", "decode attention masked causally, though Deci's decode path has no mask",
+        "trt_layers.modeling:no_mask", _causal_decode, "gqa_unmasked", "probs", _DECODE),
+    Bug("kv_append_reversed", "new K/V concatenated before the cache instead of after it",
+        "trt_layers.modeling:append_kv", _append_before_past, "gqa_unmasked", "present_k", _DECODE),
+    Bug("mlp_gate_up_swapped", "HF gate_proj mapped to TensorRT-LLM's mlp.gate (it belongs in mlp.fc)",
+        "trt_layers.weights:HF_TO_TRTLLM",
+        _swapped("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "mlp", "gate"),
+    Bug("rmsnorm_default_eps", "rms_norm called with TensorRT-LLM's default eps 1e-6, not the config's 1e-5",
+        "trt_layers.modeling:rmsnorm", _default_eps, "rmsnorm", "out"),
+    Bug("layernorms_swapped", "input_layernorm and post_attention_layernorm weights exchanged",
+        "trt_layers.weights:HF_TO_TRTLLM",
+        _swapped("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+        "decoder_layer", "input_norm"),
+    Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
+        "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits"),
+]}
