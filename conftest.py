@@ -17,6 +17,12 @@ def pytest_addoption(parser):
                           "trtllm (TensorRT-LLM engines), all; auto = trtllm where importable with a GPU, else onnx")
 
 
+def pytest_configure(config):
+    option = config.getoption("--backend")
+    if option in ("trtllm", "all") and (reason := skip_reason("trtllm")):
+        raise pytest.UsageError(f"--backend {option} asks for TensorRT-LLM engines, which cannot run here: {reason}")
+
+
 def pytest_report_header(config):
     selected, why = resolve_candidates(config.getoption("--backend"))
     return ["backends: " + " | ".join(str(b) for b in detect().values()),
@@ -29,13 +35,14 @@ def pytest_collection_modifyitems(config, items):
         for marker in HARDWARE_MARKERS:
             if marker in item.keywords and (reason := skip_reason(marker)):
                 item.add_marker(pytest.mark.skip(reason=f"needs {marker}: {reason}"))
-        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        backend = getattr(case, "backend", None)
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        case = params.get("case")
+        backend = getattr(case, "backend", params.get("backend"))
         if backend is None:
             continue
         if backend not in selected:
             item.add_marker(pytest.mark.skip(reason=f"{backend} not selected ({why}); --backend all runs both"))
-        elif backend == "onnx" and case.dtype == "bf16" and (reason := onnxruntime_bf16_gap()):
+        elif backend == "onnx" and getattr(case, "dtype", None) == "bf16" and (reason := onnxruntime_bf16_gap()):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 

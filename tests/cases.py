@@ -39,9 +39,17 @@ class Case:
         return f"{head}-{self.backend}-{self.layout}-{self.dtype}-b{s.batch}-s{s.seq_len}-p{s.past_len}"
 
 
+def _marks(backend: str) -> list:
+    return [pytest.mark.trtllm] if backend == "trtllm" else []
+
+
 def _param(case: Case):
-    marks = [pytest.mark.trtllm] if case.backend == "trtllm" else []
-    return pytest.param(case, id=case.id, marks=marks)
+    return pytest.param(case, id=case.id, marks=_marks(case.backend))
+
+
+def backend_params() -> list:
+    """One param per candidate backend, for tests that take a ``backend`` name."""
+    return [pytest.param(backend, id=backend, marks=_marks(backend)) for backend in CANDIDATES]
 
 
 def parity_cases(component: str) -> list:

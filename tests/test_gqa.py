@@ -1,7 +1,6 @@
 """trt_layers grouped-query attention against the reference: prefill (masked) and decode (unmasked)."""
 
 import pytest
-
 from cases import assert_bug_localized, bug_cases, parity_cases
 
 

@@ -1,7 +1,6 @@
 """trt_layers rope against the reference, tap by tap, on every candidate backend."""
 
 import pytest
-
 from cases import assert_bug_localized, bug_cases, parity_cases
 
 

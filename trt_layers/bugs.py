@@ -91,7 +91,7 @@ def _default_eps(original):
     def rmsnorm(x, weights, name, config, dtype):
         from .modeling import param
 
-        return F.rms_norm(x, config.hidden_size, weight=param(weights, name, dtype))  # eps left at 1e-6
+        return F.rms_norm(x, (config.hidden_size,), weight=param(weights, name, dtype))  # eps left at 1e-6
     return rmsnorm
 
 

@@ -180,7 +180,7 @@ def mlp_graph(inputs, weights, config, dtype) -> Taps:
 
 
 def rmsnorm(x, weights: Weights, name: str, config: DeciCoderConfig, dtype: torch.dtype):
-    return F.rms_norm(x, config.hidden_size, weight=param(weights, name, dtype), eps=config.rms_norm_eps)
+    return F.rms_norm(x, (config.hidden_size,), weight=param(weights, name, dtype), eps=config.rms_norm_eps)
 
 
 def rmsnorm_graph(inputs, weights, config, dtype) -> Taps:
