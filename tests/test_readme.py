@@ -12,3 +12,10 @@ def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert setup_and_main_job in ci.splitlines()
     assert f"{tests} || status=$?" in ci.splitlines()
+
+
+def test_readme_lists_the_bug_catalog():
+    from trt_layers.bugs import BUGS
+
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in BUGS if f"| `{name}` |" not in readme] == []
