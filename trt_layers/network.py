@@ -92,12 +92,17 @@ def quiet_polygraphy() -> Iterator[None]:
         G_LOGGER.module_severity, G_LOGGER.colors = previous
 
 
-class Engine(ABC):
-    backend: str
+class Engine:
+    """A built graph and the polygraphy runner that runs it (OnnxrtRunner or TrtRunner)."""
 
-    @abstractmethod
+    def __init__(self, backend: str, runner, model: onnx.ModelProto | None = None):
+        self.backend, self._runner = backend, runner
+        self.model = model  # the ONNX graph, for the lowering
+
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         """Run on named inputs; returns every marked output."""
+        with quiet_polygraphy(), self._runner as runner:
+            return runner.infer(feed)
 
 
 class Backend(ABC):
@@ -127,22 +132,6 @@ def to_feed(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             for name, t in inputs.items()}
 
 
-class OnnxEngine(Engine):
-    backend = "onnx"
-
-    def __init__(self, model: onnx.ModelProto):
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-        self.model = model
-        with quiet_polygraphy():
-            session = SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"])()
-        self._runner = OnnxrtRunner(session, name="onnx-lowering")
-
-    def infer(self, feed):
-        with quiet_polygraphy(), self._runner as runner:
-            return runner.infer(feed)
-
-
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -152,26 +141,18 @@ class OnnxBackend(Backend):
 
         return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU)"
 
-    def build(self, name, specs, graph, config, dtype) -> OnnxEngine:
+    def build(self, name, specs, graph, config, dtype) -> Engine:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
         network = lowering.Network(name)
         with lowering.net_guard(network), F.use(lowering):
             inputs = {s.name: network.add_input(s.name, s.dtype, s.shape, [d if isinstance(d, str) else None
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
-        return OnnxEngine(network.to_onnx())
-
-
-class TrtllmEngine(Engine):
-    backend = "trtllm"
-
-    def __init__(self, serialized_engine):
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self._runner = TrtRunner(EngineFromBytes(serialized_engine), name="tensorrt-llm")
-
-    def infer(self, feed):
-        with quiet_polygraphy(), self._runner as runner:
-            return runner.infer(feed)
+        model = network.to_onnx()
+        with quiet_polygraphy():
+            session = SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"])()
+        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"), model)
 
 
 class TrtllmBackend(Backend):
@@ -183,8 +164,9 @@ class TrtllmBackend(Backend):
     def description(self) -> str:
         return f"TensorRT-LLM {importlib.import_module('tensorrt_llm').__version__} engine (TensorRT, CUDA)"
 
-    def build(self, name, specs, graph, config, dtype) -> TrtllmEngine:
+    def build(self, name, specs, graph, config, dtype) -> Engine:
         import tensorrt as trt
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         from tensorrt_llm._utils import str_dtype_to_trt
         from tensorrt_llm.builder import Builder
         from tensorrt_llm.functional import Tensor
@@ -208,7 +190,7 @@ class TrtllmBackend(Backend):
         serialized = builder.build_engine(network, builder_config)
         if serialized is None:
             raise RuntimeError(f"TensorRT failed to build the {name} engine")
-        return TrtllmEngine(serialized)
+        return Engine(self.name, TrtRunner(EngineFromBytes(serialized), name="tensorrt-llm"))
 
 
 BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBackend}
