@@ -1,6 +1,6 @@
 """Parameter cases for the trt_layers parity tests: one list per component, readable ids.
 
-Ids read ``component-backend-layout-dtype-bB-sS-pP`` so that ``pytest -k rope`` (or gqa,
+Ids read ``component[-bug]-backend-layout-dtype-bB-sS-pP`` so that ``pytest -k rope`` (or gqa,
 mlp, ...) selects a component, ``-k onnx`` a backend and ``-k fp16`` a dtype.
 """
 
@@ -35,7 +35,7 @@ class Case:
     @property
     def id(self) -> str:
         s = self.shape
-        head = self.bug.name if self.bug else self.component
+        head = f"{self.component}-{self.bug.name}" if self.bug else self.component
         return f"{head}-{self.backend}-{self.layout}-{self.dtype}-b{s.batch}-s{s.seq_len}-p{s.past_len}"
 
 
