@@ -20,9 +20,10 @@ def needs_decode_graph(component: str, shape: CaseShape) -> bool:
     return component == "gqa_unmasked" or (component in DECODE_COMPONENTS and shape.past_len > 0)
 
 
-def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backend, decode: bool) -> Engine:
+def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backend, decode: bool,
+                    static_shapes: dict[str, tuple[int, ...]] | None = None) -> Engine:
     dtype = model.lm_head.weight.dtype
-    return build_component(component, model.config, model.state_dict(), dtype, backend, decode)
+    return build_component(component, model.config, model.state_dict(), dtype, backend, decode, static_shapes)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Command line of the parity suite: ``python -m parity report``.
+"""Command line of the parity suite: ``python -m parity {report,export}``.
 
 Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage or input.
 """
@@ -11,15 +11,14 @@ import sys
 import torch
 import transformers
 
-from reference import CheckpointError, ConfigError, load_model, resolve_dtype
-from reference.oracle import (
-    ORACLE_COMPONENTS,
-    CaseShape,
-    llama_from_reference,
-    run_case,
-)
+from reference import COMPONENTS, CheckpointError, ConfigError, load_model, resolve_dtype
+from reference.inputs import CaseShape
+from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
 
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
+from .export import SOURCES, export
+
+USAGE_ERROR = 2
 
 
 def _positive(text: str) -> int:
@@ -36,22 +35,38 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int) -> None:
+    parser.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--batch", type=_positive, default=2)
+    parser.add_argument("--seq-len", type=_positive, default=7)
+    parser.add_argument("--past-len", type=_non_negative, default=past_len,
+                        help="cached tokens (decode); components without a cache ignore it")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
     report = commands.add_parser(
-        "report", help="check the reference against transformers' Llama blocks, component by component"
-    )
-    report.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+        "report", help="check the reference against transformers' Llama blocks, component by component")
     report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
                         help="component to check (repeatable; default: all)")
-    report.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    report.add_argument("--batch", type=_positive, default=2)
-    report.add_argument("--seq-len", type=_positive, default=7)
-    report.add_argument("--past-len", type=_non_negative, default=5,
-                        help="cached tokens for the decode cases (gqa_unmasked, decoder_layer)")
-    report.add_argument("--seed", type=int, default=0)
+    _add_case_arguments(report, past_len=5)
+
+    exporter = commands.add_parser(
+        "export", help="write model.onnx (taps as outputs), inputs.json, golden.json and README.txt for polygraphy")
+    exporter.add_argument("--component", choices=COMPONENTS, required=True)
+    exporter.add_argument("--source", choices=SOURCES, default="lowering",
+                          help="lowering: the trt_layers graph; reference: the reference traced by torch.onnx")
+    exporter.add_argument("--out", required=True, help="folder to write into")
+    _add_case_arguments(exporter, past_len=0)
     return parser
+
+
+def _shape(args: argparse.Namespace) -> CaseShape:
+    return CaseShape(args.batch, args.seq_len, args.past_len, args.seed)
 
 
 def report(args: argparse.Namespace) -> int:
@@ -64,7 +79,7 @@ def report(args: argparse.Namespace) -> int:
     print(f"tolerance ({args.dtype}): atol={tolerance.atol:g} rtol={tolerance.rtol:g}  [{tolerance.why}]\n")
     failures = []
     for component in args.component or ORACLE_COMPONENTS:
-        shape = CaseShape(args.batch, args.seq_len, args.past_len, args.seed)
+        shape = _shape(args)
         case = run_case(component, model, llama, shape)
         results = compare_taps(case.transformers, case.reference, tolerance, order=case.shared_taps)
         print(format_table(results, f"== {component}  (batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len})"))
@@ -78,13 +93,25 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    model = load_model(args.model, resolve_dtype(args.dtype), args.seed)
+    written = export(args.component, model, _shape(args), args.out, args.source)
+    print(f"wrote {written.model}, {written.inputs.name}, {written.golden.name}, {written.readme.name} "
+          f"in {written.directory}")
+    print(f"re-check (from {written.directory}):\n  {written.recheck_command}")
+    return 0
+
+
+COMMANDS = {"report": report, "export": export_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return report(args)
+        return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ class Network:
         return Tensor(name, dtype, tuple(shape))
 
     def add_node(self, op: str, inputs: Sequence["Tensor | str"], dtype: str, shape: Sequence[int],
-                 value: np.ndarray | None = None, **attributes) -> "Tensor":
+                 value: np.ndarray | list | None = None, **attributes) -> "Tensor":
+        if value is not None and -1 not in shape and all(v is not None for v in value):
+            # Shape arithmetic whose result is known at build time: TensorRT folds it, so does the lowering.
+            return self.add_constant(np.asarray(value, dtype=DTYPES[dtype][1]).reshape(shape))
         name = self.unique(op.lower())
         output = Tensor(f"{name}:0", dtype, tuple(shape), value)
         input_names = [t if isinstance(t, str) else t.name for t in inputs]
@@ -94,7 +97,10 @@ class Network:
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], None))
 
     def to_onnx(self) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        # Constants that only fed folded shape arithmetic are dead: leave them out.
+        used = {name for node in self.nodes for name in node.input}
+        initializers = [t for t in self.initializers if t.name in used]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                  producer_name="trt_layers.lowering")
 

@@ -18,7 +18,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -197,11 +197,13 @@ BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBacke
 
 
 def build_component(component: str, config: DeciCoderConfig, state_dict: dict[str, torch.Tensor],
-                    dtype: torch.dtype, backend: Backend, decode: bool = False) -> Engine:
+                    dtype: torch.dtype, backend: Backend, decode: bool = False,
+                    static_shapes: dict[str, tuple[int, ...]] | None = None) -> Engine:
     """Build ``component`` (layer 0 for single-layer components) from reference weights.
 
     ``decode`` adds past K/V inputs to decoder_layer and causal_lm (gqa_unmasked always has them).
-    The graph must emit exactly the registry's taps, in order.
+    ``static_shapes`` freezes every input's shape (shape arithmetic then folds away), as
+    ``polygraphy debug reduce`` prefers. The graph must emit exactly the registry's taps, in order.
     """
     weights = weight_mapping.to_trtllm(state_dict, config)
     expected = list(component_outputs(component, config.num_hidden_layers))
@@ -213,4 +215,6 @@ def build_component(component: str, config: DeciCoderConfig, state_dict: dict[st
         return taps
 
     specs = input_specs(component, config, dtype, decode or component == "gqa_unmasked")
+    if static_shapes is not None:
+        specs = [replace(spec, dims=tuple(static_shapes[spec.name])) for spec in specs]
     return backend.build(f"{component}_{'decode' if decode else 'prefill'}", specs, graph, config, dtype)

@@ -1,0 +1,190 @@
+"""Write a component (or the whole model) as files polygraphy's command-line tools work on.
+
+The graph is built at the case's shapes (static, shape arithmetic folded), the form
+``polygraphy debug reduce`` works best on. A folder gets ``model.onnx`` (taps as named graph outputs), ``inputs.json`` (polygraphy's
+data-loader format) and ``golden.json`` (polygraphy RunResults from the reference), plus a
+``README.txt`` with the exact commands that re-check it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from polygraphy.comparator import IterationResult, RunResults
+from polygraphy.json import save_json
+
+from reference import DeciCoderForCausalLM
+from reference.components import run_component
+from reference.inputs import CaseShape, make_inputs
+from reference.taps import component_outputs
+from trt_layers.network import OnnxBackend, quiet_polygraphy, to_feed
+
+from .check import build_candidate, needs_decode_graph
+from .compare import TOLERANCES, tap_atol
+
+SOURCES = ("lowering", "reference")
+# protobuf cannot serialise a message over 2 GiB: larger models keep their weights beside the graph.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class Export:
+    directory: Path
+    model: Path
+    inputs: Path
+    golden: Path
+    readme: Path
+    recheck_command: str
+
+
+class _ReferenceGraph(torch.nn.Module):
+    """A reference component as a module of positional inputs -> its outputs, for torch.onnx."""
+
+    def __init__(self, component: str, model: DeciCoderForCausalLM, input_names: list[str]):
+        super().__init__()
+        self.component, self.reference, self.input_names = component, model, input_names
+
+    def forward(self, *tensors):
+        outputs = run_component(self.component, self.reference, dict(zip(self.input_names, tensors)))
+        return tuple(outputs.values())
+
+
+def reference_onnx(component: str, model: DeciCoderForCausalLM, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """The reference submodule traced by torch.onnx at these inputs' shapes, taps as outputs."""
+    import io
+
+    names = list(inputs)
+    # Ids as int32, the same feed the lowering takes; the reference indexes with either.
+    args = tuple(t.to(torch.int32) if t.dtype == torch.int64 else t for t in inputs.values())
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export's, which needs
+        # onnxscript; this one needs nothing beyond torch and traces the reference as it runs.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ReferenceGraph(component, model, names), args, buffer, dynamo=False,
+                          input_names=names, output_names=list(component_outputs(component, model.config.num_hidden_layers)),
+                          opset_version=18, do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+    """Save ``model``; past protobuf's 2 GiB limit (or if ``external``) weights go to ``<name>.data`` beside it."""
+    if external is None:
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = weight_bytes > PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+
+
+def _tolerance_args(outputs: dict[str, np.ndarray], dtype: torch.dtype) -> str:
+    """polygraphy's --atol/--rtol for the suite's tolerance table (per-tap atol, see tap_atol)."""
+    tolerance = TOLERANCES[dtype]
+    atol = " ".join(f"{name}:{tap_atol(tolerance, value):.6g}" for name, value in outputs.items())
+    return f"--atol {atol} --rtol {tolerance.rtol:g} --check-error-stat elemwise"
+
+
+def _recheck_commands(model: Path, outputs: dict[str, np.ndarray], dtype: torch.dtype) -> tuple[str, str, str]:
+    common = f"--load-inputs inputs.json {_tolerance_args(outputs, dtype)}"
+    onnxrt = f"polygraphy run {model.name} --onnxrt {common} --load-outputs golden.json"
+    trt = f"polygraphy run {model.name} --trt --onnxrt {common}"
+    # debug precision builds fp16 engines from this (fp32) graph, marking layers back to fp32
+    # until the engine meets the fp16 tolerances against the fp32 golden values.
+    precision = (f"polygraphy debug precision {model.name} --fp16 --precision float32 --mode bisect --dir forward "
+                 f"--load-inputs inputs.json --check polygraphy run polygraphy_debug.engine --trt "
+                 f"--load-inputs inputs.json --load-outputs golden.json {_tolerance_args(outputs, torch.float16)}")
+    return onnxrt, trt, precision
+
+
+def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, directory: str | Path,
+           source: str = "lowering") -> Export:
+    """Export ``component`` (prefill, or decode when the shape has a cache) with golden data into ``directory``."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    dtype = model.lm_head.weight.dtype
+    if dtype == torch.bfloat16:
+        raise ValueError("bf16 cannot be exported for polygraphy: its JSON files and ONNX Runtime's CPU kernels "
+                         "have no bfloat16; export fp32 or fp16")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inputs = make_inputs(component, model.config, shape, dtype)
+    golden = {name: t.detach().numpy() for name, t in run_component(component, model, inputs).items()}
+    if source == "lowering":
+        static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+        graph = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
+                                static_shapes).model
+    else:
+        graph = reference_onnx(component, model, inputs)
+
+    paths = Export(directory, directory / "model.onnx", directory / "inputs.json", directory / "golden.json",
+                   directory / "README.txt", "")
+    save_onnx(graph, paths.model)
+    results = RunResults()
+    results.append(("golden", [IterationResult(golden, runner_name="golden")]))
+    with quiet_polygraphy():
+        save_json([to_feed(inputs)], str(paths.inputs))
+        results.save(str(paths.golden))
+    onnxrt, trt, precision = _recheck_commands(paths.model, golden, dtype)
+    paths.recheck_command = onnxrt
+    reduce = reduce_command("faulty.onnx", "inputs.json", shape_args(inputs), trusted=paths.model.name)
+    paths.readme.write_text(_README.format(
+        component=component, source=source, dtype=str(dtype).removeprefix("torch."),
+        shape=f"batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len}, seed {shape.seed}",
+        onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name,
+        precision=precision if dtype == torch.float32 else _FP16_FROM_FP32), encoding="utf-8")
+    return paths
+
+
+def shape_args(inputs: dict[str, torch.Tensor]) -> str:
+    """polygraphy's --model-input-shapes value for these inputs."""
+    return " ".join(f"{name}:[{','.join(str(d) for d in t.shape)}]" for name, t in inputs.items())
+
+
+def reduce_command(model: str, inputs: str, shapes: str, trusted: str) -> str:
+    """``polygraphy debug reduce`` of ``model`` with the project's CPU check: each subgraph is run on
+    the values ``trusted`` (a graph with the same tensor names) computes; exit 1 = still failing."""
+    check = f"python -m parity.reduce_check polygraphy_debug.onnx --trusted {shlex.quote(trusted)} --load-inputs {inputs}"
+    return (f"polygraphy debug reduce {shlex.quote(model)} -o reduced.onnx --mode bisect --model-input-shapes {shapes} "
+            f"--load-inputs {inputs} --fail-code 1 --check {check}")
+
+
+_README = """\
+{component} ({source} graph, {dtype}, {shape}), exported by the DeciCoder parity suite.
+
+  model.onnx   the graph, every tap a named output
+  inputs.json  its inputs (polygraphy data-loader JSON)
+  golden.json  the reference's taps on those inputs (polygraphy RunResults JSON)
+
+Re-check on the CPU with ONNX Runtime against the golden values:
+
+  {onnxrt}
+
+Needs TensorRT (GPU): build the graph with TensorRT and compare it with ONNX Runtime:
+
+  {trt}
+
+Inspect:
+
+  polygraphy inspect model {model} --show layers
+
+Reduce a failing variant of this graph (faulty.onnx: an edited copy with the same tensor names)
+to the smallest failing subgraph, each subgraph checked on the CPU against the values this graph
+computes:
+
+  {reduce}
+
+Needs TensorRT: reduce a graph that TensorRT gets wrong by checking TensorRT against ONNX Runtime:
+
+  polygraphy debug reduce {model} -o reduced.onnx --mode bisect --check polygraphy run polygraphy_debug.onnx --trt --onnxrt
+
+Needs TensorRT: find the layers that must stay in fp32 for an fp16 engine to pass:
+
+  {precision}
+"""
+_FP16_FROM_FP32 = ("(export this component in fp32: `polygraphy debug precision` starts from the fp32 graph "
+                   "and its fp32 golden values)")
