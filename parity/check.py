@@ -10,6 +10,7 @@ from reference import DeciCoderForCausalLM
 from reference.components import run_component
 from reference.inputs import DECODE_COMPONENTS, CaseShape, make_inputs
 from reference.taps import component_outputs
+from trt_layers import weights as weight_mapping
 from trt_layers.network import Backend, Engine, build_component, to_feed
 
 from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
@@ -21,9 +22,11 @@ def needs_decode_graph(component: str, shape: CaseShape) -> bool:
 
 
 def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backend, decode: bool,
-                    static_shapes: dict[str, tuple[int, ...]] | None = None) -> Engine:
-    dtype = model.lm_head.weight.dtype
-    return build_component(component, model.config, model.state_dict(), dtype, backend, decode, static_shapes)
+                    static_shapes: dict[str, tuple[int, ...]] | None = None, marked: list[str] | None = None) -> Engine:
+    """The trt_layers engine of ``component`` with the reference's weights (through the weight mapping)."""
+    weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
+    return build_component(component, model.config, weights, model.lm_head.weight.dtype, backend, decode,
+                           static_shapes, marked=marked)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Command line of the parity suite: ``python -m parity {report,export}``.
+"""Command line of the parity suite: ``python -m parity {locate,export,list-bugs,report}``.
 
 Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage or input.
 """
@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 import transformers
 
 from reference import COMPONENTS, CheckpointError, ConfigError, load_model, resolve_dtype
-from reference.inputs import CaseShape
+from reference.inputs import DECODE_COMPONENTS, CaseShape
 from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+from trt_layers.bugs import BUGS
+from trt_layers.network import BACKENDS
 
+from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
+from .locate import locate
+from .report import write_json, write_markdown, write_plot
 
 USAGE_ERROR = 2
 
@@ -48,6 +54,22 @@ def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    locator = commands.add_parser(
+        "locate", help="run golden and candidate, compare every tap in order, name the first that diverges")
+    locator.add_argument("--component", choices=COMPONENTS, default="causal_lm")
+    locator.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto",
+                         help="candidate: onnx (the ONNX lowering), trtllm (TensorRT-LLM engines); "
+                              "auto = trtllm where it can run, else onnx")
+    locator.add_argument("--phase", choices=("prefill", "decode"),
+                         help="prefill (no cache) or decode (--past-len cached tokens); default follows --past-len")
+    locator.add_argument("--inject", choices=sorted(BUGS), help="inject a catalog bug into the candidate (list-bugs)")
+    locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
+    locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
+    _add_case_arguments(locator, past_len=0)
+
+    commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
 
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
@@ -102,7 +124,75 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"report": report, "export": export_command}
+def _check_phase(args: argparse.Namespace) -> None:
+    """--phase against --past-len: decode graphs read a cache (rope only offsets its positions)."""
+    component, past = args.component, args.past_len
+    if args.phase == "decode" and component not in DECODE_COMPONENTS:
+        raise ValueError(f"{component} has no decode graph; decode components: {', '.join(DECODE_COMPONENTS)}")
+    if args.phase == "prefill" and component == "gqa_unmasked":
+        raise ValueError("gqa_unmasked is the decode path; use gqa_masked for prefill")
+    if component in ("decoder_layer", "causal_lm"):
+        if args.phase == "prefill" and past > 0:
+            raise ValueError(f"prefill has no cache: --past-len must be 0 (got {past})")
+        if args.phase == "decode" and past == 0:
+            raise ValueError("--phase decode needs cached tokens: give --past-len N (N >= 1)")
+    if component == "gqa_masked" and past > 0:
+        raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
+
+
+def _candidate_backend(option: str, dtype: torch.dtype):
+    selected, why = resolve_candidates(option)
+    if option == "trtllm" and (reason := skip_reason("trtllm")):
+        raise ValueError(f"--backend trtllm cannot run here: {reason}")
+    if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
+        raise ValueError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
+    return BACKENDS[selected[0]](), why
+
+
+def locate_command(args: argparse.Namespace) -> int:
+    _check_phase(args)
+    dtype = resolve_dtype(args.dtype)
+    backend, why = _candidate_backend(args.backend, dtype)
+    bug = BUGS[args.inject] if args.inject else None
+    started = time.perf_counter()
+    model = load_model(args.model, dtype, args.seed)
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
+    print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
+    tolerance = TOLERANCES[dtype]
+    print(f"tolerance: atol {tolerance.atol:g} x max(1, |tap|), rtol {tolerance.rtol:g} ({tolerance.why})\n")
+    progress = (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    report = locate(args.component, model, backend, _shape(args), bug, progress)
+    print(report.check.table())
+    if report.outputs_only is not None:
+        shipped = first_failure(report.outputs_only)
+        print(f"\nreal outputs alone (no taps marked): {'pass' if shipped is None else f'FAIL at {shipped.name}'}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.json:
+        write_json(report, args.model, args.json)
+    if args.markdown:
+        write_markdown(report, args.model, args.markdown)
+    if args.plot:
+        write_plot(report, args.plot)
+    elapsed = time.perf_counter() - started
+    first = report.first_failure
+    if report.exit_code == 0:
+        print(f"\nPASSED: {len(report.check.results)} taps of {args.component} within {args.dtype} tolerance "
+              f"({elapsed:.1f} s)")
+    else:
+        where = first.name if first else "the real outputs"
+        print(f"\nDIVERGED: first diverging tap {where}" + (f" (max abs {first.max_abs:.3e}, cosine "
+              f"{first.cosine:.6f})" if first else "") + f" ({elapsed:.1f} s)")
+    return report.exit_code
+
+
+def list_bugs(args: argparse.Namespace) -> int:
+    for bug in BUGS.values():
+        print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
+    return 0
+
+
+COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": list_bugs, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

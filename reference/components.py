@@ -56,6 +56,16 @@ def _decode_mask(hidden: torch.Tensor, past) -> torch.Tensor | None:
     return decode_mask(hidden.shape[1], past[0].shape[2], hidden.dtype, hidden.device)
 
 
+@torch.no_grad()
+def run_layer(model: DeciCoderForCausalLM, i: int, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+              past=None) -> Taps:
+    """Decoder layer ``i`` alone, as the whole model runs it: its taps, then its present K/V."""
+    layer = model.model.layers[i]
+    with capture_taps(layer, component_taps("decoder_layer")) as taps:
+        _, (present_k, present_v) = layer(hidden_states, position_ids, past, _decode_mask(hidden_states, past))
+    return {**taps, "present_k": present_k, "present_v": present_v}
+
+
 def _causal_lm(model: DeciCoderForCausalLM, inputs: Inputs) -> Taps:
     """The registry's taps, then the real outputs: per-layer present K/V."""
     num_layers = model.config.num_hidden_layers

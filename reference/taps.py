@@ -43,6 +43,24 @@ def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
     return ("embed", *(f"layer_{i}.out" for i in range(num_layers)), "final_norm", "logits")
 
 
+# What each component hands to the next one: the outputs of its graph without any taps marked.
+REAL_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "repeat_kv": ("k_rep", "v_rep"),
+    "rope": ("q_rot", "k_rot"),
+    "gqa_masked": ("out", "present_k", "present_v"),
+    "gqa_unmasked": ("out", "present_k", "present_v"),
+    "mlp": ("down",),
+    "rmsnorm": ("out",),
+    "decoder_layer": ("out",),
+}
+
+
+def real_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
+    if component == "causal_lm":
+        return ("logits", *component_outputs(component, num_layers)[len(causal_lm_taps(num_layers)):])
+    return REAL_OUTPUTS[component]
+
+
 def component_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
     """Everything a component's graph emits: its taps, then outputs that are not taps (the
     whole model's per-layer present K/V, which a decode step feeds back)."""

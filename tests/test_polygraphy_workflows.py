@@ -14,7 +14,6 @@ import onnx
 import pytest
 
 from parity.cli import main as parity_main
-from reference.inputs import CaseShape
 from trt_layers.bugs import BUGS
 
 BIN = Path(sys.executable).parent  # polygraphy's entry point lives beside this interpreter

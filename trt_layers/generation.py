@@ -10,6 +10,7 @@ import torch
 from reference import DeciCoderConfig
 from reference.inputs import past_names
 
+from . import weights as weight_mapping
 from .network import Backend, Engine, build_component
 
 
@@ -24,8 +25,9 @@ class CausalLM:
     @classmethod
     def build(cls, config: DeciCoderConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
               backend: Backend) -> "CausalLM":
-        return cls(config, build_component("causal_lm", config, state_dict, dtype, backend, decode=False),
-                   build_component("causal_lm", config, state_dict, dtype, backend, decode=True))
+        weights = weight_mapping.to_trtllm(state_dict, config)
+        return cls(config, build_component("causal_lm", config, weights, dtype, backend, decode=False),
+                   build_component("causal_lm", config, weights, dtype, backend, decode=True))
 
     def forward(self, input_ids: np.ndarray, past: list[tuple[np.ndarray, np.ndarray]] | None = None):
         """Logits [b, s, vocab] and the cache after these tokens (per layer: key, value)."""

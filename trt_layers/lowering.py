@@ -53,7 +53,7 @@ class Network:
     def __init__(self, name: str = "decicoder"):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.constants: dict[str, np.ndarray] = {}  # name -> value, turned into initializers by to_onnx
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.output_names: set[str] = set()
@@ -85,9 +85,19 @@ class Network:
             # TensorRT-LLM's np_dtype_to_trt has no float64 (nor other numpy types): constant() asserts.
             raise TypeError(f"constant: numpy dtype {array.dtype} has no TensorRT counterpart")
         name = name or self.unique("const")
-        self.initializers.append(_numpy_to_tensor_proto(np.ascontiguousarray(array), name))
+        self.constants[name] = np.ascontiguousarray(array)
         value = array if dtype in ("int32", "int64", "bool") and array.size <= 16 else None
         return Tensor(name, dtype, tuple(array.shape), value, is_constant=True)
+
+    def fold(self, source: "Tensor", array: np.ndarray, how: str) -> "Tensor":
+        """A constant computed at build time from constant ``source`` (TensorRT folds these too)."""
+        name = f"{source.name}:{how}"
+        if name in self.constants:
+            name = self.unique(name)
+        return self.add_constant(array, name)
+
+    def constant_value(self, tensor: "Tensor") -> np.ndarray | None:
+        return self.constants.get(tensor.name) if tensor.is_constant else None
 
     def mark_output(self, tensor: "Tensor", name: str) -> None:
         if name in self.output_names:
@@ -96,13 +106,31 @@ class Network:
         self.nodes.append(helper.make_node("Identity", [tensor.name], [name], name=name))
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], None))
 
-    def to_onnx(self) -> onnx.ModelProto:
+    def to_onnx(self, external: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """The graph as an ONNX model. With ``external`` (a dict to fill), weights of 1 KiB and more
+        stay out of the protobuf: the model refers to them by name and the arrays go into
+        ``external``, for ONNX Runtime to use in place (no copy, no serialisation)."""
         # Constants that only fed folded shape arithmetic are dead: leave them out.
         used = {name for node in self.nodes for name in node.input}
-        initializers = [t for t in self.initializers if t.name in used]
+        initializers = []
+        for name, array in self.constants.items():
+            if name not in used:
+                continue
+            if external is not None and array.nbytes >= 1024 and array.dtype != ml_dtypes.bfloat16:
+                external[name] = array
+                initializers.append(_external_reference(array, name))
+            else:
+                initializers.append(_numpy_to_tensor_proto(array, name))
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                  producer_name="trt_layers.lowering")
+
+
+def _external_reference(array: np.ndarray, name: str) -> onnx.TensorProto:
+    proto = onnx.TensorProto(name=name, data_type=DTYPES[_NUMPY_TO_DTYPE[array.dtype]][0], dims=array.shape)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    proto.external_data.add(key="location", value=name)
+    return proto
 
 
 def _numpy_to_tensor_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
@@ -156,9 +184,8 @@ class Tensor:
     def name(self, new_name: str) -> None:
         """Tensor.name setter: renames the value (constants keep their initializer in sync)."""
         net = default_net()
-        for proto in itertools.chain(net.initializers, ()):
-            if proto.name == self._name:
-                proto.name = new_name
+        if self._name in net.constants:
+            net.constants[new_name] = net.constants.pop(self._name)
         for node in net.nodes:
             node.input[:] = [new_name if n == self._name else n for n in node.input]
             node.output[:] = [new_name if n == self._name else n for n in node.output]
@@ -359,6 +386,9 @@ def cast(input: Tensor, dtype) -> Tensor:
     dtype = _dtype_name(dtype)
     if input.dtype == dtype:
         return input
+    array = default_net().constant_value(input)
+    if array is not None:
+        return default_net().fold(input, array.astype(_numpy_dtype(dtype)), dtype)
     return default_net().add_node("Cast", [input], dtype, input.shape, input.known(), to=DTYPES[dtype][0])
 
 
@@ -419,6 +449,9 @@ def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
     if -1 in out and out.count(-1) == 1 and -1 not in input.shape and dims.count(-1) == 1:
         known = math.prod(d for d in out if d != -1)
         out[out.index(-1)] = math.prod(input.shape) // known if known else -1
+    array = default_net().constant_value(input)
+    if array is not None and -1 not in out:
+        return default_net().fold(input, array.reshape(out), "reshape")
     value = None
     if input.known() is not None and -1 not in out:
         value = input.known()
@@ -431,6 +464,9 @@ def permute(input: Tensor, dims: Sequence[int]) -> Tensor:
     dims = [d % input.ndim() for d in dims]
     if sorted(dims) != list(range(input.ndim())):
         raise ValueError(f"permute: {dims} is not a permutation of {input.ndim()} dims")
+    array = default_net().constant_value(input)
+    if array is not None:  # a weight used transposed: transpose it once, at build time
+        return default_net().fold(input, np.ascontiguousarray(array.transpose(dims)), "transpose")
     return default_net().add_node("Transpose", [input], input.dtype, [input.shape[d] for d in dims], perm=dims)
 
 

@@ -57,7 +57,7 @@ def repeat_kv(x, n_rep: int):
     return F.repeat_interleave(x, n_rep, 1)
 
 
-def repeat_kv_graph(inputs, weights, config: DeciCoderConfig, dtype) -> Taps:
+def repeat_kv_graph(inputs, weights, config: DeciCoderConfig, dtype, layer: int = 0) -> Taps:
     n_rep = config.num_key_value_groups
     return {"k_rep": repeat_kv(inputs["k"], n_rep), "v_rep": repeat_kv(inputs["v"], n_rep)}
 
@@ -94,7 +94,7 @@ def rope(q, k, position_ids, config: DeciCoderConfig, dtype: torch.dtype) -> Tap
     return {"cos": cos, "sin": sin, "q_rot": q_rot, "k_rot": k_rot}
 
 
-def rope_graph(inputs, weights, config, dtype) -> Taps:
+def rope_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     return rope(inputs["q"], inputs["k"], inputs["position_ids"], config, dtype)
 
 
@@ -155,13 +155,13 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
     return {name: taps[name] for name in COMPONENT_TAPS["gqa_masked"]}
 
 
-def gqa_masked_graph(inputs, weights, config, dtype) -> Taps:
-    return attention(inputs["hidden_states"], inputs["position_ids"], weights, layer_prefix(0), config, dtype,
+def gqa_masked_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return attention(inputs["hidden_states"], inputs["position_ids"], weights, layer_prefix(layer), config, dtype,
                      causal_mask)
 
 
-def gqa_unmasked_graph(inputs, weights, config, dtype) -> Taps:
-    return attention(inputs["hidden_states"], inputs["position_ids"], weights, layer_prefix(0), config, dtype,
+def gqa_unmasked_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return attention(inputs["hidden_states"], inputs["position_ids"], weights, layer_prefix(layer), config, dtype,
                      no_mask, past=(inputs["past_k"], inputs["past_v"]))
 
 
@@ -175,16 +175,16 @@ def mlp(x, weights: Weights, prefix: str, dtype: torch.dtype) -> Taps:
     return {"gate": gate, "up": up, "act": act, "down": down}
 
 
-def mlp_graph(inputs, weights, config, dtype) -> Taps:
-    return mlp(inputs["hidden_states"], weights, layer_prefix(0), dtype)
+def mlp_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return mlp(inputs["hidden_states"], weights, layer_prefix(layer), dtype)
 
 
 def rmsnorm(x, weights: Weights, name: str, config: DeciCoderConfig, dtype: torch.dtype):
     return F.rms_norm(x, (config.hidden_size,), weight=param(weights, name, dtype), eps=config.rms_norm_eps)
 
 
-def rmsnorm_graph(inputs, weights, config, dtype) -> Taps:
-    return {"out": rmsnorm(inputs["hidden_states"], weights, f"{layer_prefix(0)}input_layernorm.weight", config,
+def rmsnorm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return {"out": rmsnorm(inputs["hidden_states"], weights, f"{layer_prefix(layer)}input_layernorm.weight", config,
                            dtype)}
 
 
@@ -204,15 +204,24 @@ def decoder_layer(hidden_states, position_ids, weights: Weights, i: int, config:
     return taps, (attn["present_k"], attn["present_v"])
 
 
-def decoder_layer_graph(inputs, weights, config, dtype) -> Taps:
+def decoder_layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
-    taps, _ = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, 0, config, dtype, past)
+    taps, _ = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
     return taps
 
 
-def causal_lm_graph(inputs, weights, config, dtype) -> Taps:
+def embed(input_ids, weights: Weights, dtype):
+    return F.embedding(input_ids, param(weights, "transformer.vocab_embedding.weight", dtype))
+
+
+def head(hidden_states, weights: Weights, config: DeciCoderConfig, dtype) -> Taps:
+    final_norm = rmsnorm(hidden_states, weights, "transformer.ln_f.weight", config, dtype)
+    return {"final_norm": final_norm, "logits": linear(final_norm, param(weights, "lm_head.weight", dtype))}
+
+
+def causal_lm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     """The registry's taps, then the real outputs: each layer's present K/V."""
-    taps = {"embed": F.embedding(inputs["input_ids"], param(weights, "transformer.vocab_embedding.weight", dtype))}
+    taps = {"embed": embed(inputs["input_ids"], weights, dtype)}
     hidden_states, presents = taps["embed"], {}
     for i in range(config.num_hidden_layers):
         past_k, past_v = past_names(i)
@@ -221,10 +230,29 @@ def causal_lm_graph(inputs, weights, config, dtype) -> Taps:
                                                            config, dtype, past)
         hidden_states = taps[f"layer_{i}.out"] = layer_taps["out"]
         presents[f"layer_{i}.present_k"], presents[f"layer_{i}.present_v"] = present_k, present_v
-    taps["final_norm"] = rmsnorm(hidden_states, weights, "transformer.ln_f.weight", config, dtype)
-    taps["logits"] = linear(taps["final_norm"], param(weights, "lm_head.weight", dtype))
+    taps.update(head(hidden_states, weights, config, dtype))
     return {**taps, **presents}
 
+
+# The whole model one piece at a time, for streaming: the candidate side of a causal_lm check
+# that holds one layer's engine at a time.
+def embed_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return {"embed": embed(inputs["input_ids"], weights, dtype)}
+
+
+def head_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    return head(inputs["hidden_states"], weights, config, dtype)
+
+
+def layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
+    """decoder_layer ``layer`` with its present K/V as outputs."""
+    past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
+    taps, (present_k, present_v) = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer,
+                                                 config, dtype, past)
+    return {**taps, "present_k": present_k, "present_v": present_v}
+
+
+PIECE_GRAPHS = {"embed": embed_graph, "layer": layer_graph, "head": head_graph}
 
 COMPONENT_GRAPHS = {
     "repeat_kv": repeat_kv_graph,

@@ -30,8 +30,7 @@ from reference.taps import component_outputs
 
 from . import functional as F
 from . import lowering
-from . import weights as weight_mapping
-from .modeling import COMPONENT_GRAPHS
+from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -75,6 +74,10 @@ def input_specs(component: str, config: DeciCoderConfig, dtype: torch.dtype, dec
         "causal_lm": [InputSpec("input_ids", "int32", ("batch", "seq")), positions,
                       *(heads(name, kv, "past") for i in range(config.num_hidden_layers) if decode
                         for name in past_names(i))],
+        # pieces of causal_lm, for streaming
+        "embed": [InputSpec("input_ids", "int32", ("batch", "seq"))],
+        "layer": [hidden, positions, *(past if decode else [])],
+        "head": [hidden],
     }
     return specs[component]
 
@@ -95,9 +98,16 @@ def quiet_polygraphy() -> Iterator[None]:
 class Engine:
     """A built graph and the polygraphy runner that runs it (OnnxrtRunner or TrtRunner)."""
 
-    def __init__(self, backend: str, runner, model: onnx.ModelProto | None = None):
+    def __init__(self, backend: str, runner, onnx_model: Callable[[], onnx.ModelProto] | None = None):
         self.backend, self._runner = backend, runner
-        self.model = model  # the ONNX graph, for the lowering
+        self._onnx_model = onnx_model
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The ONNX graph with its weights inside (the lowering only), e.g. to save for polygraphy."""
+        if self._onnx_model is None:
+            raise ValueError(f"a {self.backend} engine has no ONNX graph")
+        return self._onnx_model()
 
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         """Run on named inputs; returns every marked output."""
@@ -120,6 +130,8 @@ def mark_taps(taps: dict) -> None:
     since TensorRT names a tensor once."""
     seen = set()
     for name, tensor in taps.items():
+        if tensor is None:  # not marked in this build
+            continue
         if id(tensor) in seen:
             tensor = F.identity(tensor)
         seen.add(id(tensor))
@@ -142,17 +154,23 @@ class OnnxBackend(Backend):
         return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU)"
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        import onnxruntime
+        from polygraphy.backend.onnxrt import OnnxrtRunner
 
         network = lowering.Network(name)
         with lowering.net_guard(network), F.use(lowering):
             inputs = {s.name: network.add_input(s.name, s.dtype, s.shape, [d if isinstance(d, str) else None
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
-        model = network.to_onnx()
-        with quiet_polygraphy():
-            session = SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"])()
-        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"), model)
+        weights: dict[str, np.ndarray] = {}
+        model = network.to_onnx(external=weights)
+        options = onnxruntime.SessionOptions()
+        # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
+        # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
+        options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
+                                                          for w in weights.values()])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"), network.to_onnx)
 
 
 class TrtllmBackend(Backend):
@@ -196,23 +214,35 @@ class TrtllmBackend(Backend):
 BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBackend}
 
 
-def build_component(component: str, config: DeciCoderConfig, state_dict: dict[str, torch.Tensor],
-                    dtype: torch.dtype, backend: Backend, decode: bool = False,
-                    static_shapes: dict[str, tuple[int, ...]] | None = None) -> Engine:
-    """Build ``component`` (layer 0 for single-layer components) from reference weights.
+def piece_outputs(piece: str) -> list[str]:
+    names = {"embed": ["embed"], "head": ["final_norm", "logits"],
+             "layer": [*component_outputs("decoder_layer"), "present_k", "present_v"]}
+    return names[piece]
 
-    ``decode`` adds past K/V inputs to decoder_layer and causal_lm (gqa_unmasked always has them).
-    ``static_shapes`` freezes every input's shape (shape arithmetic then folds away), as
-    ``polygraphy debug reduce`` prefers. The graph must emit exactly the registry's taps, in order.
+
+def build_component(component: str, config: DeciCoderConfig, weights: dict[str, torch.Tensor],
+                    dtype: torch.dtype, backend: Backend, decode: bool = False,
+                    static_shapes: dict[str, tuple[int, ...]] | None = None, layer: int = 0,
+                    marked: list[str] | None = None) -> Engine:
+    """Build ``component`` (or a streaming piece of causal_lm: embed, layer, head) from weights
+    under TensorRT-LLM names (``weights.to_trtllm``).
+
+    Single-layer components use layer ``layer``. ``decode`` adds past K/V inputs to decoder_layer,
+    causal_lm and layer (gqa_unmasked always has them). ``static_shapes`` freezes every input's
+    shape (shape arithmetic then folds away), as ``polygraphy debug reduce`` prefers. ``marked``
+    limits the outputs to those names (default: every tap and output). The graph must emit
+    exactly the registry's names, in order.
     """
-    weights = weight_mapping.to_trtllm(state_dict, config)
-    expected = list(component_outputs(component, config.num_hidden_layers))
+    pieces = {"embed", "layer", "head"}
+    graphs = PIECE_GRAPHS if component in pieces else COMPONENT_GRAPHS
+    expected = (piece_outputs(component) if component in pieces
+                else list(component_outputs(component, config.num_hidden_layers)))
 
     def graph(inputs):
-        taps = COMPONENT_GRAPHS[component](inputs, weights, config, dtype)
+        taps = graphs[component](inputs, weights, config, dtype, layer=layer)
         if list(taps) != expected:
             raise AssertionError(f"{component} emitted {list(taps)}, the registry says {expected}")
-        return taps
+        return {name: t if marked is None or name in marked else None for name, t in taps.items()}
 
     specs = input_specs(component, config, dtype, decode or component == "gqa_unmasked")
     if static_shapes is not None:

@@ -1,0 +1,147 @@
+"""Where does a port diverge? One component, or the whole model streamed layer by layer.
+
+A component is checked twice: first with only its real outputs marked (the engine as it would
+ship), then with every tap marked. Marking a tensor as an output stops TensorRT fusing across
+it, so a divergence can vanish once tapped; when the two verdicts differ the report says so.
+
+The whole model (``causal_lm``) streams: golden and candidate advance one layer at a time and
+only that layer's tensors are held, so DeciCoder-1b fits beside its two weight sets. The
+candidate runs as per-layer engines (embedding, each decoder layer, final norm + lm_head), each
+fed the candidate's own previous output, so errors grow across layers as they would in the
+assembled engine; a whole-graph engine cannot stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from reference import DeciCoderForCausalLM
+from reference.components import run_layer
+from reference.inputs import CaseShape, make_inputs, past_names
+from reference.taps import component_outputs, component_taps, real_outputs
+from trt_layers import weights as weight_mapping
+from trt_layers.bugs import Bug
+from trt_layers.network import Backend, build_component, to_feed
+
+from .check import CheckResult, build_candidate, check_component, needs_decode_graph
+from .compare import TOLERANCES, TapResult, compare_taps, first_failure
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LocateReport:
+    check: CheckResult  # every tap, in execution order
+    outputs_only: list[TapResult] | None = None  # the real outputs, from an engine with no taps marked
+    layers: list[list[TapResult]] = field(default_factory=list)  # causal_lm: each layer's own taps
+    bug: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_failure(self) -> TapResult | None:
+        return self.check.first_failure
+
+    @property
+    def exit_code(self) -> int:
+        outputs_failed = self.outputs_only is not None and first_failure(self.outputs_only) is not None
+        return 1 if self.first_failure is not None or outputs_failed else 0
+
+    def first_failing_layer(self) -> int | None:
+        for i, taps in enumerate(self.layers):
+            if first_failure(taps) is not None:
+                return i
+        return None
+
+
+def _bug_context(bug: Bug | None):
+    return bug.injected() if bug else contextlib.nullcontext()
+
+
+def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None = None,
+           progress: Progress | None = None) -> LocateReport:
+    """Check ``component`` of the candidate built by ``backend`` (with ``bug`` injected) against the reference."""
+    if component == "causal_lm":
+        return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None))
+    decode = needs_decode_graph(component, shape)
+    with _bug_context(bug):
+        shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)))
+        tapped = build_candidate(component, model, backend, decode)
+    outputs_only = check_component(component, model, shipped, backend.description, shape).results
+    outputs_only = [r for r in outputs_only if r.name in real_outputs(component)]
+    report = LocateReport(check_component(component, model, tapped, backend.description, shape), outputs_only,
+                          bug=bug.name if bug else None)
+    shipped_fails = first_failure(outputs_only) is not None
+    tapped_fails = report.first_failure is not None
+    if shipped_fails and not tapped_fails:
+        report.notes.append("The outputs diverge without taps but match once every tap is marked: marking outputs "
+                            "changed the engine (no fusion across marked tensors). Suspect a fused kernel between "
+                            "the taps; mark fewer taps to find which fusion.")
+    elif tapped_fails and not shipped_fails:
+        report.notes.append(f"The real outputs match, but tap {report.first_failure.name} diverges: an intermediate "
+                            "differs in a way the outputs absorb (or marking taps changed the engine).")
+    return report
+
+
+def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None,
+                      progress: Progress) -> LocateReport:
+    config, dtype = model.config, model.lm_head.weight.dtype
+    tolerance = TOLERANCES[dtype]
+    decode = shape.past_len > 0
+    inputs = make_inputs("causal_lm", config, shape, dtype)
+    feed = to_feed(inputs)
+    golden_positions = inputs["position_ids"]
+    results: dict[str, TapResult] = {}
+    layers = []
+
+    def build(piece: str, layer: int = 0):
+        start = time.perf_counter()
+        engine = build_component(piece, config, weights, dtype, backend, decode and piece == "layer", layer=layer)
+        return engine, time.perf_counter() - start
+
+    with torch.no_grad(), _bug_context(bug):
+        weights = weight_mapping.to_trtllm(model.state_dict(), config)
+        engine, _ = build("embed")
+        golden_hidden = model.model.embed_tokens(inputs["input_ids"])
+        candidate_hidden = engine.infer({"input_ids": feed["input_ids"]})["embed"]
+        results.update((r.name, r) for r in compare_taps({"embed": golden_hidden}, {"embed": candidate_hidden},
+                                                          tolerance))
+        for i in range(config.num_hidden_layers):
+            engine, built_s = build("layer", i)
+            start = time.perf_counter()
+            layer_feed = {"hidden_states": candidate_hidden, "position_ids": feed["position_ids"]}
+            past = None
+            if decode:
+                past_k, past_v = past_names(i)
+                past = (inputs[past_k], inputs[past_v])
+                layer_feed.update(past_k=feed[past_k], past_v=feed[past_v])
+            candidate = engine.infer(layer_feed)
+            golden = run_layer(model, i, golden_hidden, golden_positions, past)
+            layer_results = compare_taps(golden, candidate, tolerance)
+            layers.append(layer_results[: len(component_taps("decoder_layer"))])
+            for r in layer_results:
+                if r.name in ("out", "present_k", "present_v"):
+                    results[f"layer_{i}.{r.name}"] = replace(r, name=f"layer_{i}.{r.name}")
+            golden_hidden, candidate_hidden = golden["out"], candidate["out"]
+            progress(f"layer {i + 1}/{config.num_hidden_layers}: built in {built_s:.1f} s, "
+                     f"ran and compared in {time.perf_counter() - start:.1f} s")
+            del engine, candidate, golden
+        engine, _ = build("head")
+        candidate = engine.infer({"hidden_states": candidate_hidden})
+        golden_norm = model.model.norm(golden_hidden)
+        golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
+        results.update((r.name, r) for r in compare_taps(golden, candidate, tolerance))
+
+    order = component_outputs("causal_lm", config.num_hidden_layers)
+    check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order])
+    report = LocateReport(check, layers=layers, bug=bug.name if bug else None)
+    report.notes.append("The candidate ran as per-layer engines, each fed the candidate's previous output: a "
+                        "whole-graph engine cannot stream.")
+    if (layer := report.first_failing_layer()) is not None:
+        first = first_failure(layers[layer])
+        report.notes.append(f"Inside layer {layer}, the first diverging tap is {first.name}.")
+    return report
