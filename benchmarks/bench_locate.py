@@ -19,10 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parity.check import build_candidate  # noqa: E402
 from parity.locate import locate  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
 from reference.inputs import CaseShape, make_inputs  # noqa: E402
-from trt_layers.network import OnnxBackend  # noqa: E402
+from reference.taps import real_outputs  # noqa: E402
+from trt_layers.network import OnnxBackend, to_feed  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -68,6 +70,20 @@ def main() -> None:
           f"+ 1 GiB = {2 * weights_gib + 1:.2f} GiB")
     print(f"verdict: {'PASSED' if report.exit_code == 0 else 'DIVERGED at ' + report.first_failure.name}")
     print("per layer: " + "; ".join(layer_log[:3]) + (" ..." if len(layer_log) > 3 else ""))
+    del report
+
+    # For scale: the candidate run bare, as one whole-graph engine with only its real outputs.
+    start = time.perf_counter()
+    engine = build_candidate("causal_lm", model, OnnxBackend(), decode=False,
+                             marked=list(real_outputs("causal_lm", config.num_hidden_layers)))
+    built_s = time.perf_counter() - start
+    feed = to_feed(make_inputs("causal_lm", config, shape, dtype))
+    start = time.perf_counter()
+    engine.infer(feed)
+    run_s = time.perf_counter() - start
+    print(f"bare candidate (whole-graph engine, no taps): build {built_s:.2f} s + run {run_s:.2f} s; "
+          f"locate = {locate_s / (bare_s + built_s + run_s):.2f}x golden + candidate run bare "
+          f"(peak RSS now {peak_rss_gib():.2f} GiB)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from . import modeling
 from .inputs import Inputs, past_names
 from .modeling import DeciCoderForCausalLM, decode_mask
-from .taps import capture_taps, causal_lm_taps, component_taps
+from .taps import LAYER_TAPS, capture_taps, causal_lm_taps, component_outputs, component_taps
 
 Taps = dict[str, torch.Tensor]
 
@@ -59,15 +59,15 @@ def _decode_mask(hidden: torch.Tensor, past) -> torch.Tensor | None:
 @torch.no_grad()
 def run_layer(model: DeciCoderForCausalLM, i: int, hidden_states: torch.Tensor, position_ids: torch.Tensor,
               past=None) -> Taps:
-    """Decoder layer ``i`` alone, as the whole model runs it: its taps, then its present K/V."""
+    """Decoder layer ``i`` alone, as the whole model runs it, with every tap inside it (LAYER_TAPS)."""
     layer = model.model.layers[i]
-    with capture_taps(layer, component_taps("decoder_layer")) as taps:
-        _, (present_k, present_v) = layer(hidden_states, position_ids, past, _decode_mask(hidden_states, past))
-    return {**taps, "present_k": present_k, "present_v": present_v}
+    with capture_taps(layer, LAYER_TAPS) as taps:
+        layer(hidden_states, position_ids, past, _decode_mask(hidden_states, past))
+    return dict(taps)
 
 
 def _causal_lm(model: DeciCoderForCausalLM, inputs: Inputs) -> Taps:
-    """The registry's taps, then the real outputs: per-layer present K/V."""
+    """The registry's taps and each layer's present K/V, in execution order."""
     num_layers = model.config.num_hidden_layers
     past = None
     if past_names(0)[0] in inputs:
@@ -76,4 +76,4 @@ def _causal_lm(model: DeciCoderForCausalLM, inputs: Inputs) -> Taps:
         out = model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
     for i, (present_k, present_v) in enumerate(out.past_key_values):
         taps[f"layer_{i}.present_k"], taps[f"layer_{i}.present_v"] = present_k, present_v
-    return dict(taps)
+    return {name: taps[name] for name in component_outputs("causal_lm", num_layers)}

@@ -38,6 +38,11 @@ COMPONENT_TAPS: dict[str, tuple[str, ...]] = {
 }
 COMPONENTS = (*COMPONENT_TAPS, "causal_lm")
 
+# One decoder layer in full detail, in execution order: what a whole-model check shows inside
+# the first layer that diverges. Attention and MLP taps keep their component names, scoped.
+LAYER_TAPS = ("input_norm", *(f"attn.{t}" for t in _GQA_TAPS), "attn_out", "resid_1", "post_norm",
+              *(f"mlp.{t}" for t in COMPONENT_TAPS["mlp"]), "mlp_out", "out")
+
 
 def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
     return ("embed", *(f"layer_{i}.out" for i in range(num_layers)), "final_norm", "logits")
@@ -47,8 +52,8 @@ def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
 REAL_OUTPUTS: dict[str, tuple[str, ...]] = {
     "repeat_kv": ("k_rep", "v_rep"),
     "rope": ("q_rot", "k_rot"),
-    "gqa_masked": ("out", "present_k", "present_v"),
-    "gqa_unmasked": ("out", "present_k", "present_v"),
+    "gqa_masked": ("present_k", "present_v", "out"),
+    "gqa_unmasked": ("present_k", "present_v", "out"),
     "mlp": ("down",),
     "rmsnorm": ("out",),
     "decoder_layer": ("out",),
@@ -57,18 +62,19 @@ REAL_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 def real_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
     if component == "causal_lm":
-        return ("logits", *component_outputs(component, num_layers)[len(causal_lm_taps(num_layers)):])
+        return tuple(n for n in component_outputs(component, num_layers) if n == "logits" or ".present_" in n)
     return REAL_OUTPUTS[component]
 
 
 def component_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
-    """Everything a component's graph emits: its taps, then outputs that are not taps (the
-    whole model's per-layer present K/V, which a decode step feeds back)."""
+    """Everything a component's graph emits, in execution order: its taps and, for the whole
+    model, each layer's present K/V (which a decode step feeds back) before that layer's output."""
     taps = component_taps(component, num_layers)
     if component != "causal_lm":
         return taps
-    presents = tuple(f"layer_{i}.present_{kv}" for i in range(num_layers) for kv in "kv")
-    return taps + presents
+    layers = (name for i in range(num_layers) for name in (f"layer_{i}.present_k", f"layer_{i}.present_v",
+                                                           f"layer_{i}.out"))
+    return ("embed", *layers, "final_norm", "logits")
 
 
 def component_taps(component: str, num_layers: int | None = None) -> tuple[str, ...]:

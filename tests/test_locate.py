@@ -31,7 +31,7 @@ def test_each_catalog_bug_is_localized(capsys, bug):
 def test_whole_model_names_the_layer_then_the_tap_inside_it(capsys):
     status, out = locate(capsys, "--inject", "layernorms_swapped")
     assert status == 1
-    assert "first diverging tap layer_0.out" in out
+    assert "first diverging tap layer_0.present_k" in out
     assert "Inside layer 0, the first diverging tap is input_norm." in out
 
 
@@ -73,8 +73,8 @@ def test_json_is_stable_and_markdown_written(tmp_path, capsys):
                      "--markdown", str(tmp_path / "report.md")]) == 1
     assert paths[0].read_bytes() == paths[1].read_bytes()
     report = json.loads(paths[0].read_text())
-    assert report["first_failure"] == "layer_0.out" and report["inject"] == "rope_interleaved"
-    assert [t["name"] for t in report["taps"]][:3] == ["embed", "layer_0.out", "layer_1.out"]
+    assert report["first_failure"] == "layer_0.present_k" and report["inject"] == "rope_interleaved"
+    assert [t["name"] for t in report["taps"]][:4] == ["embed", "layer_0.present_k", "layer_0.present_v", "layer_0.out"]
     assert "**FAIL (first)**" in (tmp_path / "report.md").read_text()
 
 

@@ -403,6 +403,10 @@ def matmul(input: Tensor, mat2: Tensor, transa: bool = False, transb: bool = Fal
     use_fp32_acc = use_fp32_acc and input.dtype == "float16" and mat2.dtype == "float16"
     if use_fp32_acc:
         input, mat2 = cast(input, "float32"), cast(mat2, "float32")
+    weight = default_net().constant_value(mat2)
+    if weight is not None and weight.ndim == 2 and transb and not transa and input.ndim() >= 2:
+        output = _linear(input, mat2)
+        return cast(output, "float16") if use_fp32_acc else output
     input, mat2 = broadcast_helper(input, mat2)
     if input.dtype != mat2.dtype:
         raise TypeError(f"matmul: operand dtypes differ ({input.dtype} vs {mat2.dtype})")
@@ -416,6 +420,20 @@ def matmul(input: Tensor, mat2: Tensor, transa: bool = False, transb: bool = Fal
     batch = _broadcast_shape(input.shape[:-2], mat2.shape[:-2], op="matmul")
     output = default_net().add_node("MatMul", [input, mat2], input.dtype, (*batch, m, n))
     return cast(output, "float16") if use_fp32_acc else output
+
+
+def _linear(input: Tensor, weight: Tensor) -> Tensor:
+    """input @ weight^T for a constant 2-D weight [out, in], as ONNX Gemm(transB=1) on the rows of
+    input: the same product as MatMul on the transposed weight, without copying the weight."""
+    if input.dtype != weight.dtype:
+        raise TypeError(f"matmul: operand dtypes differ ({input.dtype} vs {weight.dtype})")
+    n, k = weight.shape
+    if input.shape[-1] not in (-1, k):
+        raise ValueError(f"matmul: inner dimensions differ: {list(input.shape)} x {list(weight.shape)}^T")
+    rows = view(input, [-1, k])
+    product = default_net().add_node("Gemm", [rows, weight], input.dtype, (rows.shape[0], n), transB=1)
+    leading = [shape(input, i) for i in range(input.ndim() - 1)]
+    return view(product, concat([*leading, n]))
 
 
 def _shape_tensor_values(shape: Tensor) -> list | None:

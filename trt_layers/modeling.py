@@ -16,6 +16,7 @@ import torch
 
 from reference import COMPONENT_TAPS, DeciCoderConfig
 from reference.inputs import past_names
+from reference.taps import LAYER_TAPS
 
 from . import functional as F
 from .weights import layer_prefix
@@ -191,23 +192,24 @@ def rmsnorm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
 # ---------------------------------------------------------------- decoder layer, causal LM
 
 def decoder_layer(hidden_states, position_ids, weights: Weights, i: int, config: DeciCoderConfig,
-                  dtype: torch.dtype, past=None) -> tuple[Taps, tuple]:
-    """One layer; with a cache it takes Llama's decode mask. Returns its taps and (present_k, present_v)."""
+                  dtype: torch.dtype, past=None) -> Taps:
+    """One layer, every tap inside it (LAYER_TAPS); with a cache it takes Llama's decode mask."""
     prefix = layer_prefix(i)
     input_norm = rmsnorm(hidden_states, weights, f"{prefix}input_layernorm.weight", config, dtype)
     attn = attention(input_norm, position_ids, weights, prefix, config, dtype, causal_mask, past)
     resid_1 = hidden_states + attn["out"]
     post_norm = rmsnorm(resid_1, weights, f"{prefix}post_layernorm.weight", config, dtype)
-    mlp_out = mlp(post_norm, weights, prefix, dtype)["down"]
-    taps = {"input_norm": input_norm, "attn_out": attn["out"], "resid_1": resid_1, "post_norm": post_norm,
-            "mlp_out": mlp_out, "out": resid_1 + mlp_out}
-    return taps, (attn["present_k"], attn["present_v"])
+    mlp_taps = mlp(post_norm, weights, prefix, dtype)
+    taps = {"input_norm": input_norm, **{f"attn.{name}": t for name, t in attn.items()}, "attn_out": attn["out"],
+            "resid_1": resid_1, "post_norm": post_norm, **{f"mlp.{name}": t for name, t in mlp_taps.items()},
+            "mlp_out": mlp_taps["down"], "out": resid_1 + mlp_taps["down"]}
+    return {name: taps[name] for name in LAYER_TAPS}
 
 
 def decoder_layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
-    taps, _ = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
-    return taps
+    taps = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
+    return {name: taps[name] for name in COMPONENT_TAPS["decoder_layer"]}
 
 
 def embed(input_ids, weights: Weights, dtype):
@@ -220,18 +222,17 @@ def head(hidden_states, weights: Weights, config: DeciCoderConfig, dtype) -> Tap
 
 
 def causal_lm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
-    """The registry's taps, then the real outputs: each layer's present K/V."""
+    """The registry's taps and each layer's present K/V, in execution order."""
     taps = {"embed": embed(inputs["input_ids"], weights, dtype)}
-    hidden_states, presents = taps["embed"], {}
+    hidden_states = taps["embed"]
     for i in range(config.num_hidden_layers):
         past_k, past_v = past_names(i)
         past = (inputs[past_k], inputs[past_v]) if past_k in inputs else None
-        layer_taps, (present_k, present_v) = decoder_layer(hidden_states, inputs["position_ids"], weights, i,
-                                                           config, dtype, past)
+        layer_taps = decoder_layer(hidden_states, inputs["position_ids"], weights, i, config, dtype, past)
+        taps[f"layer_{i}.present_k"] = layer_taps["attn.present_k"]
+        taps[f"layer_{i}.present_v"] = layer_taps["attn.present_v"]
         hidden_states = taps[f"layer_{i}.out"] = layer_taps["out"]
-        presents[f"layer_{i}.present_k"], presents[f"layer_{i}.present_v"] = present_k, present_v
-    taps.update(head(hidden_states, weights, config, dtype))
-    return {**taps, **presents}
+    return {**taps, **head(hidden_states, weights, config, dtype)}
 
 
 # The whole model one piece at a time, for streaming: the candidate side of a causal_lm check
@@ -245,11 +246,9 @@ def head_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
 
 
 def layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
-    """decoder_layer ``layer`` with its present K/V as outputs."""
+    """decoder layer ``layer`` with every tap inside it (its present K/V among them)."""
     past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
-    taps, (present_k, present_v) = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer,
-                                                 config, dtype, past)
-    return {**taps, "present_k": present_k, "present_v": present_v}
+    return decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
 
 
 PIECE_GRAPHS = {"embed": embed_graph, "layer": layer_graph, "head": head_graph}

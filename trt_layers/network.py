@@ -26,7 +26,7 @@ import torch
 
 from reference import DeciCoderConfig
 from reference.inputs import past_names
-from reference.taps import component_outputs
+from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
 from . import lowering
@@ -165,6 +165,10 @@ class OnnxBackend(Backend):
         weights: dict[str, np.ndarray] = {}
         model = network.to_onnx(external=weights)
         options = onnxruntime.SessionOptions()
+        # Each engine runs a handful of times: repacking every weight for faster kernels (and
+        # fusing across ops) costs more at session start than it saves.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
         # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
         options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
@@ -215,9 +219,7 @@ BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBacke
 
 
 def piece_outputs(piece: str) -> list[str]:
-    names = {"embed": ["embed"], "head": ["final_norm", "logits"],
-             "layer": [*component_outputs("decoder_layer"), "present_k", "present_v"]}
-    return names[piece]
+    return {"embed": ["embed"], "head": ["final_norm", "logits"], "layer": list(LAYER_TAPS)}[piece]
 
 
 def build_component(component: str, config: DeciCoderConfig, weights: dict[str, torch.Tensor],
