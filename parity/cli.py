@@ -71,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
 
+    generator = commands.add_parser(
+        "generate", help="prefill + decode through the trt_layers engines; tokens and tokens/s")
+    generator.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    generator.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto")
+    generator.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    prompt = generator.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates the rows of a batch")
+    prompt.add_argument("--prompt", help="text, encoded with --tokenizer")
+    generator.add_argument("--tokenizer", help="a Hugging Face tokenizer directory (for --prompt and decoding)")
+    generator.add_argument("--max-new-tokens", type=_positive, default=16)
+    generator.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    generator.add_argument("--top-k", type=_non_negative, default=0, help="with --temperature: sample among the top k")
+    generator.add_argument("--seed", type=int, default=0)
+    generator.add_argument("--compare", action="store_true",
+                           help="also decode greedily with the reference and report the first mismatching step")
+
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
     report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
@@ -186,13 +202,69 @@ def locate_command(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _prompt_ids(args: argparse.Namespace, tokenizer) -> torch.Tensor:
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("--prompt needs --tokenizer DIR (a Hugging Face tokenizer directory)")
+        return torch.tensor([tokenizer.encode(args.prompt)])
+    try:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.prompt_ids.split(";")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+    if not rows[0] or len({len(r) for r in rows}) != 1:
+        raise ValueError("--prompt-ids: every row needs the same, non-zero number of tokens (no padding)")
+    return torch.tensor(rows)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from trt_layers.generation import CausalLM, Sampling
+
+    from .generation import compare_generation
+
+    dtype = resolve_dtype(args.dtype)
+    backend, why = _candidate_backend(args.backend, dtype)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    ids = _prompt_ids(args, tokenizer)
+    model = load_model(args.model, dtype, args.seed)
+    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"--prompt-ids: token ids must lie in [0, {model.config.vocab_size})")
+    if ids.shape[1] + args.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"{ids.shape[1]} prompt + {args.max_new_tokens} new tokens exceed the context of "
+                         f"{model.config.max_position_embeddings}")
+    print(f"candidate: {backend.description} [{backend.name}: {why}], model {args.model}, {args.dtype}")
+    start = time.perf_counter()
+    engines = CausalLM.build(model.config, model.state_dict(), dtype, backend)
+    print(f"built prefill and decode engines in {time.perf_counter() - start:.2f} s")
+    sampling = None if args.temperature is None else Sampling(args.temperature, args.top_k, args.seed)
+    start = time.perf_counter()
+    tokens, _ = engines.generate(ids.numpy(), args.max_new_tokens, sampling)
+    elapsed = time.perf_counter() - start
+    for row in tokens:
+        new = row[ids.shape[1]:].tolist()
+        print("tokens:", " ".join(map(str, new)))
+        if tokenizer is not None:
+            print("text:  ", tokenizer.decode(new))
+    print(f"{ids.shape[0] * args.max_new_tokens / elapsed:.1f} tokens/s ({ids.shape[0]} x {args.max_new_tokens} "
+          f"new tokens in {elapsed:.2f} s, prefill included)")
+    if args.compare:
+        result = compare_generation(model, engines, ids, args.max_new_tokens)
+        print("parity with the reference (greedy):", result.describe())
+        return 0 if result.identical else 1
+    return 0
+
+
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
     return 0
 
 
-COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": list_bugs, "report": report}
+COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": list_bugs, "generate": generate_command,
+            "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

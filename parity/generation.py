@@ -1,0 +1,73 @@
+"""Generation-level parity: the reference and the candidate each decode greedily on their own.
+
+A port can pass every tap check and still drift over many decode steps, so each side follows
+its own tokens, and the report gives the first step where they differ and how close the
+reference was to choosing the candidate's token there.
+
+Prompts of different lengths run as separate batches: DeciCoder's prefill ignores padding (as
+the reference does), so a padded batch would not be the model's own computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reference import DeciCoderForCausalLM
+from trt_layers.generation import CausalLM
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt_len: int
+    batch: int
+    new_tokens: int
+    first_mismatch: int | None  # step (0-based, over the batch) where the tokens first differ
+    margin: float | None  # the reference's logit of its token minus of the candidate's token, at that step
+    max_logit_error: float  # over the steps both sides saw the same tokens
+
+    @property
+    def identical(self) -> bool:
+        return self.first_mismatch is None
+
+    def describe(self) -> str:
+        head = f"prompt {self.prompt_len} x batch {self.batch}, {self.new_tokens} new tokens:"
+        if self.identical:
+            return f"{head} identical (max logit error {self.max_logit_error:.2e})"
+        return (f"{head} first mismatch at step {self.first_mismatch}, where the reference preferred its token by "
+                f"{self.margin:.3e} logits (max logit error before it {self.max_logit_error:.2e})")
+
+
+@torch.no_grad()
+def reference_generate(model: DeciCoderForCausalLM, input_ids: torch.Tensor, max_new_tokens: int):
+    """Greedy tokens and each step's last-position logits [b, vocab], as CausalLM.generate returns them."""
+    out = model(input_ids)
+    tokens, step_logits = [input_ids], []
+    for step in range(max_new_tokens):
+        last = out.logits[:, -1].float()
+        step_logits.append(last.numpy())
+        next_token = last.argmax(-1, keepdim=True)
+        tokens.append(next_token)
+        if step + 1 < max_new_tokens:
+            out = model(next_token, past_key_values=out.past_key_values)
+    return torch.cat(tokens, dim=1).numpy(), step_logits
+
+
+def compare_generation(model: DeciCoderForCausalLM, candidate: CausalLM, input_ids: torch.Tensor,
+                       max_new_tokens: int) -> GenerationResult:
+    golden_tokens, golden_logits = reference_generate(model, input_ids, max_new_tokens)
+    tokens, logits = candidate.generate(input_ids.numpy(), max_new_tokens)
+    prompt_len = input_ids.shape[1]
+    new_golden, new_candidate = golden_tokens[:, prompt_len:], tokens[:, prompt_len:]
+    differs = np.nonzero((new_golden != new_candidate).any(axis=0))[0]
+    first = int(differs[0]) if differs.size else None
+    same_steps = max_new_tokens if first is None else first + 1  # the step that diverges saw the same inputs
+    max_error = max(float(np.abs(g - c).max()) for g, c in zip(golden_logits[:same_steps], logits[:same_steps]))
+    margin = None
+    if first is not None:
+        rows = np.arange(input_ids.shape[0])
+        step_logits = golden_logits[first]
+        margin = float((step_logits[rows, new_golden[:, first]] - step_logits[rows, new_candidate[:, first]]).max())
+    return GenerationResult(prompt_len, input_ids.shape[0], max_new_tokens, first, margin, max_error)
