@@ -6,6 +6,7 @@ Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_arguments(locator, past_len=0)
 
     commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
+
+    builder = commands.add_parser(
+        "build", help="build the whole model's prefill and decode engines with trt_layers (and the fast path)")
+    builder.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    builder.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto")
+    builder.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    builder.add_argument("--seed", type=int, default=0)
+    builder.add_argument("--fast-path", action="store_true",
+                         help="also write TensorRT-LLM's LLaMA checkpoint of the weights and, with TensorRT-LLM, "
+                              "build its engine (GPT attention plugin)")
+    builder.add_argument("--out", required=True, help="folder to write into")
 
     generator = commands.add_parser(
         "generate", help="prefill + decode through the trt_layers engines; tokens and tokens/s")
@@ -257,14 +269,44 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trt_layers import fast_path
+    from trt_layers.generation import CausalLM
+
+    dtype = resolve_dtype(args.dtype)
+    backend, why = _candidate_backend(args.backend, dtype)
+    model = load_model(args.model, dtype, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    engines = CausalLM.build(model.config, model.state_dict(), dtype, backend)
+    paths = [engines.prefill.save(out / "prefill"), engines.decode.save(out / "decode")]
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    print(f"{backend.description} [{backend.name}: {why}]: wrote {', '.join(str(p) for p in paths)} "
+          f"in {time.perf_counter() - start:.1f} s (outputs: logits and each layer's present K/V)")
+    if args.fast_path:
+        checkpoint = fast_path.write_checkpoint(model, out / "trtllm_checkpoint")
+        print(f"fast path: TensorRT-LLM LLaMA checkpoint in {checkpoint}")
+        if skip_reason("trtllm") is None:
+            engine_dir = fast_path.build_engine(checkpoint, out / "trtllm_engine")
+            print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {engine_dir}")
+        else:
+            print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: trtllm-build "
+                  f"--checkpoint_dir {checkpoint} --output_dir {out / 'trtllm_engine'} --gpt_attention_plugin auto "
+                  f"--gemm_plugin auto")
+    return 0
+
+
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
     return 0
 
 
-COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": list_bugs, "generate": generate_command,
-            "report": report}
+COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": list_bugs, "build": build_command,
+            "generate": generate_command, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

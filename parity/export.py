@@ -23,14 +23,12 @@ from reference import DeciCoderForCausalLM
 from reference.components import run_component
 from reference.inputs import CaseShape, make_inputs
 from reference.taps import component_outputs
-from trt_layers.network import OnnxBackend, quiet_polygraphy, to_feed
+from trt_layers.network import OnnxBackend, quiet_polygraphy, save_onnx, to_feed
 
 from .check import build_candidate, needs_decode_graph
 from .compare import TOLERANCES, tap_atol
 
 SOURCES = ("lowering", "reference")
-# protobuf cannot serialise a message over 2 GiB: larger models keep their weights beside the graph.
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -71,15 +69,6 @@ def reference_onnx(component: str, model: DeciCoderForCausalLM, inputs: dict[str
                           input_names=names, output_names=list(component_outputs(component, model.config.num_hidden_layers)),
                           opset_version=18, do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
-
-
-def save_onnx(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
-    """Save ``model``; past protobuf's 2 GiB limit (or if ``external``) weights go to ``<name>.data`` beside it."""
-    if external is None:
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-        external = weight_bytes > PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data")
 
 
 def _tolerance_args(outputs: dict[str, np.ndarray], dtype: torch.dtype) -> str:

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -95,12 +96,36 @@ def quiet_polygraphy() -> Iterator[None]:
         G_LOGGER.module_severity, G_LOGGER.colors = previous
 
 
+# protobuf cannot serialise a message over 2 GiB: larger models keep their weights beside the graph.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+    """Save ``model``; past protobuf's 2 GiB limit (or if ``external``) weights go to ``<name>.data`` beside it."""
+    if external is None:
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = weight_bytes > PROTOBUF_LIMIT - 2**26  # leave room for the graph itself
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+
+
 class Engine:
     """A built graph and the polygraphy runner that runs it (OnnxrtRunner or TrtRunner)."""
 
-    def __init__(self, backend: str, runner, onnx_model: Callable[[], onnx.ModelProto] | None = None):
+    def __init__(self, backend: str, runner, onnx_model: Callable[[], onnx.ModelProto] | None = None,
+                 serialized: bytes | None = None):
         self.backend, self._runner = backend, runner
-        self._onnx_model = onnx_model
+        self._onnx_model, self._serialized = onnx_model, serialized
+
+    def save(self, path: Path) -> Path:
+        """Write the engine: an ONNX graph (``.onnx``) or a serialized TensorRT engine (``.engine``)."""
+        if self._serialized is not None:
+            path = path.with_suffix(".engine")
+            path.write_bytes(bytes(self._serialized))
+        else:
+            path = path.with_suffix(".onnx")
+            save_onnx(self.model, path)
+        return path
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -212,7 +237,7 @@ class TrtllmBackend(Backend):
         serialized = builder.build_engine(network, builder_config)
         if serialized is None:
             raise RuntimeError(f"TensorRT failed to build the {name} engine")
-        return Engine(self.name, TrtRunner(EngineFromBytes(serialized), name="tensorrt-llm"))
+        return Engine(self.name, TrtRunner(EngineFromBytes(serialized), name="tensorrt-llm"), serialized=serialized)
 
 
 BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBackend}

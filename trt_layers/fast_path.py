@@ -1,0 +1,95 @@
+"""The deployment fast path: TensorRT-LLM's own LLaMA model, fed DeciCoder's weights.
+
+DeciCoder-1b is a Llama as far as TensorRT-LLM's native model is concerned (GQA, rotate-half
+RoPE, RMSNorm, SiLU-gated MLP, untied lm_head), so the fast path is a checkpoint conversion:
+``config.json`` + ``rank0.safetensors`` in TensorRT-LLM's checkpoint format (what its
+``convert_checkpoint.py`` writes and ``LLaMAForCausalLM.from_checkpoint`` reads), built with the
+GPT attention plugin. Deci's decode path (no mask for one new token) is what the plugin's
+causal attention computes with a KV cache, so the engine is a second candidate for the whole
+model, compared against the same golden.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from reference import DeciCoderForCausalLM
+
+from . import weights as weight_mapping
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def checkpoint_config(model: DeciCoderForCausalLM) -> dict:
+    """TensorRT-LLM's PretrainedConfig for the model, every Llama default that differs set explicitly."""
+    config = model.config
+    return {
+        "architecture": "LlamaForCausalLM",  # a MODEL_MAP key; DeciCoder's own name is not one
+        "dtype": DTYPE_NAMES[model.lm_head.weight.dtype],
+        "logits_dtype": "float32",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_size": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "silu",  # PretrainedConfig's default is gelu
+        "norm_epsilon": config.rms_norm_eps,
+        "position_embedding_type": "rope_gpt_neox",  # rotate-half; the default is learned_absolute
+        "rotary_base": config.rope_theta,
+        "rotary_scaling": None,
+        "attn_bias": False,
+        "mlp_bias": False,
+        "use_parallel_embedding": False,
+        "embedding_sharding_dim": 0,
+        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+
+
+def write_checkpoint(model: DeciCoderForCausalLM, directory: str | Path) -> Path:
+    """Write config.json and rank0.safetensors; lm_head is always stored (a missing one would be tied)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
+    dtype = model.lm_head.weight.dtype
+    tensors = {name: t.detach().to(dtype).contiguous().clone() for name, t in weights.items()}
+    save_file(tensors, str(directory / "rank0.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, max_batch_size: int = 8,
+                 max_input_len: int = 1024, max_seq_len: int | None = None) -> Path:
+    """TensorRT-LLM's LLaMA engine from the checkpoint, with the GPT attention plugin (needs TensorRT-LLM)."""
+    from tensorrt_llm import BuildConfig, build
+    from tensorrt_llm.models import LLaMAForCausalLM
+
+    model = LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir))
+    build_config = BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                               gather_context_logits=True)
+    build_config.plugin_config.gpt_attention_plugin = "auto"
+    build_config.plugin_config.gemm_plugin = "auto"
+    engine = build(model, build_config)
+    engine.save(str(engine_dir))
+    return Path(engine_dir)
+
+
+def generate(engine_dir: str | Path, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [b, prompt + new] and generation logits [b, new, vocab] from the engine (needs TensorRT-LLM)."""
+    from tensorrt_llm.runtime import ModelRunner
+
+    runner = ModelRunner.from_dir(str(engine_dir))
+    outputs = runner.generate(
+        [row.to(torch.int32) for row in input_ids], max_new_tokens=max_new_tokens,
+        end_id=-1,  # never sampled: every row gets exactly max_new_tokens (DeciCoder's eos is 0)
+        pad_id=0, top_k=1, return_dict=True, output_sequence_lengths=True, output_generation_logits=True)
+    tokens = outputs["output_ids"][:, 0, : input_ids.shape[1] + max_new_tokens].cpu()
+    logits = outputs["generation_logits"][:, 0].float().cpu()
+    return tokens, logits
