@@ -5,6 +5,7 @@ import pytest
 import torch
 from cases import backend_params
 
+from parity.backends import skip_reason
 from parity.cli import main
 from parity.generation import compare_generation
 from trt_layers.bugs import BUGS
@@ -95,4 +96,5 @@ def test_build_command_writes_engines_that_run_and_the_fast_path_checkpoint(tmp_
     with torch.no_grad():
         golden = tiny_model(torch.from_numpy(ids).long())
     assert_parity({"logits": golden.logits}, {"logits": outputs["logits"]}, torch.float32, title="built prefill.onnx")
-    assert "engine not built" in capsys.readouterr().out  # no TensorRT-LLM here: said, not faked
+    if skip_reason("trtllm"):  # without TensorRT-LLM the engine is said not to be built, not faked
+        assert "engine not built" in capsys.readouterr().out
