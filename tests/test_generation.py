@@ -98,3 +98,17 @@ def test_build_command_writes_engines_that_run_and_the_fast_path_checkpoint(tmp_
     assert_parity({"logits": golden.logits}, {"logits": outputs["logits"]}, torch.float32, title="built prefill.onnx")
     if skip_reason("trtllm"):  # without TensorRT-LLM the engine is said not to be built, not faked
         assert "engine not built" in capsys.readouterr().out
+
+
+def test_generate_from_text_with_a_local_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["<eos>", "def", "f", "(", ")", ":", "return", "x", "[UNK]"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    assert main(["generate", "--prompt", "def f ( x ) :", "--tokenizer", str(tmp_path), "--max-new-tokens", "4",
+                 "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntext: " in out and "identical" in out
