@@ -8,7 +8,9 @@ The whole model (``causal_lm``) streams: golden and candidate advance one layer 
 only that layer's tensors are held, so DeciCoder-1b fits beside its two weight sets. The
 candidate runs as per-layer engines (embedding, each decoder layer, final norm + lm_head), each
 fed the candidate's own previous output, so errors grow across layers as they would in the
-assembled engine; a whole-graph engine cannot stream.
+assembled engine; a whole-graph engine cannot stream. Layers are compared on their present K/V
+and output; the first layer that diverges is rebuilt with every tap inside it marked
+(LAYER_TAPS) and run again on the same input, to name the tap where it goes wrong.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ Progress = Callable[[str], None]
 class LocateReport:
     check: CheckResult  # every tap, in execution order
     outputs_only: list[TapResult] | None = None  # the real outputs, from an engine with no taps marked
-    layers: list[list[TapResult]] = field(default_factory=list)  # causal_lm: each layer's own taps
+    layer_detail: tuple[int, list[TapResult]] | None = None  # causal_lm: the first diverging layer, every tap
     bug: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -51,11 +53,6 @@ class LocateReport:
         outputs_failed = self.outputs_only is not None and first_failure(self.outputs_only) is not None
         return 1 if self.first_failure is not None or outputs_failed else 0
 
-    def first_failing_layer(self) -> int | None:
-        for i, taps in enumerate(self.layers):
-            if first_failure(taps) is not None:
-                return i
-        return None
 
 
 def _bug_context(bug: Bug | None):
@@ -94,24 +91,21 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     decode = shape.past_len > 0
     inputs = make_inputs("causal_lm", config, shape, dtype)
     feed = to_feed(inputs)
-    golden_positions = inputs["position_ids"]
     results: dict[str, TapResult] = {}
-    layers = []
+    layer_outputs = ["attn.present_k", "attn.present_v", "out"]
+    detail = None
 
-    def build(piece: str, layer: int = 0):
-        start = time.perf_counter()
-        engine = build_component(piece, config, weights, dtype, backend, decode and piece == "layer", layer=layer)
-        return engine, time.perf_counter() - start
+    def build(piece: str, layer: int = 0, marked: list[str] | None = None):
+        return build_component(piece, config, weights, dtype, backend, decode and piece == "layer", layer=layer,
+                               marked=marked)
 
     with torch.no_grad(), _bug_context(bug):
         weights = weight_mapping.to_trtllm(model.state_dict(), config)
-        engine, _ = build("embed")
         golden_hidden = model.model.embed_tokens(inputs["input_ids"])
-        candidate_hidden = engine.infer({"input_ids": feed["input_ids"]})["embed"]
+        candidate_hidden = build("embed").infer({"input_ids": feed["input_ids"]})["embed"]
         results.update((r.name, r) for r in compare_taps({"embed": golden_hidden}, {"embed": candidate_hidden},
                                                           tolerance))
         for i in range(config.num_hidden_layers):
-            engine, built_s = build("layer", i)
             start = time.perf_counter()
             layer_feed = {"hidden_states": candidate_hidden, "position_ids": feed["position_ids"]}
             past = None
@@ -119,30 +113,30 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
                 past_k, past_v = past_names(i)
                 past = (inputs[past_k], inputs[past_v])
                 layer_feed.update(past_k=feed[past_k], past_v=feed[past_v])
-            candidate = engine.infer(layer_feed)
-            golden = run_layer(model, i, golden_hidden, golden_positions, past)
-            layer_results = compare_taps(golden, candidate, tolerance)
-            layers.append(layer_results)
-            for r in layer_results:
-                if r.name in ("attn.present_k", "attn.present_v", "out"):
-                    name = f"layer_{i}.{r.name.removeprefix('attn.')}"
-                    results[name] = replace(r, name=name)
+            golden = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
+            candidate = build("layer", i, layer_outputs).infer(layer_feed)
+            compared = compare_taps(golden, candidate, tolerance, layer_outputs)
+            for r in compared:
+                name = f"layer_{i}.{r.name.removeprefix('attn.')}"
+                results[name] = replace(r, name=name)
+            if detail is None and first_failure(compared) is not None:
+                detailed = build("layer", i).infer(layer_feed)  # every tap marked: where inside the layer?
+                detail = (i, compare_taps(golden, detailed, tolerance))
             golden_hidden, candidate_hidden = golden["out"], candidate["out"]
-            progress(f"layer {i + 1}/{config.num_hidden_layers}: built in {built_s:.1f} s, "
-                     f"ran and compared in {time.perf_counter() - start:.1f} s")
-            del engine, candidate, golden
-        engine, _ = build("head")
-        candidate = engine.infer({"hidden_states": candidate_hidden})
+            progress(f"layer {i + 1}/{config.num_hidden_layers}: {time.perf_counter() - start:.2f} s")
+        candidate = build("head").infer({"hidden_states": candidate_hidden})
         golden_norm = model.model.norm(golden_hidden)
         golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
         results.update((r.name, r) for r in compare_taps(golden, candidate, tolerance))
 
     order = component_outputs("causal_lm", config.num_hidden_layers)
     check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order])
-    report = LocateReport(check, layers=layers, bug=bug.name if bug else None)
+    report = LocateReport(check, layer_detail=detail, bug=bug.name if bug else None)
     report.notes.append("The candidate ran as per-layer engines, each fed the candidate's previous output: a "
                         "whole-graph engine cannot stream.")
-    if (layer := report.first_failing_layer()) is not None:
-        first = first_failure(layers[layer])
-        report.notes.append(f"Inside layer {layer}, the first diverging tap is {first.name}.")
+    if detail is not None:
+        layer, taps = detail
+        first = first_failure(taps)
+        where = first.name if first else "no single tap (the layer's outputs diverge only once assembled)"
+        report.notes.append(f"Inside layer {layer}, the first diverging tap is {where}.")
     return report

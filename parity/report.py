@@ -35,7 +35,8 @@ def to_json(report: LocateReport, model: str) -> dict:
         "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "atol_scaled_by_tap_magnitude": True},
         "taps": [_tap(r) for r in check.results],
         "outputs_only": None if report.outputs_only is None else [_tap(r) for r in report.outputs_only],
-        "layers": [[_tap(r) for r in layer] for layer in report.layers],
+        "layer_detail": None if report.layer_detail is None else {
+            "layer": report.layer_detail[0], "taps": [_tap(r) for r in report.layer_detail[1]]},
         "first_failure": None if first is None else first.name,
         "notes": report.notes,
         "passed": report.exit_code == 0,
@@ -75,9 +76,9 @@ def plot(report: LocateReport):
     import matplotlib.pyplot as plt
 
     check = report.check
-    if report.layers:
+    if check.component == "causal_lm":
         points = [r for r in check.results if r.name == "embed" or r.name.endswith(".out") or r.name == "logits"]
-        labels = ["embed", *(str(i) for i in range(len(report.layers))), "logits"]
+        labels = ["embed", *(str(i) for i in range(len(points) - 2)), "logits"]
         xlabel = "layer (embed, decoder layers 0..N-1, logits)"
     else:
         points, labels, xlabel = check.results, [r.name for r in check.results], "tap (execution order)"
