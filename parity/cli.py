@@ -177,6 +177,10 @@ def _candidate_backend(option: str, dtype: torch.dtype):
     return BACKENDS[selected[0]](), why
 
 
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
 def locate_command(args: argparse.Namespace) -> int:
     _check_phase(args)
     dtype = resolve_dtype(args.dtype)
@@ -188,8 +192,7 @@ def locate_command(args: argparse.Namespace) -> int:
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: atol {tolerance.atol:g} x max(1, |tap|), rtol {tolerance.rtol:g} ({tolerance.why})\n")
-    progress = (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
-    report = locate(args.component, model, backend, _shape(args), bug, progress)
+    report = locate(args.component, model, backend, _shape(args), bug, progress=_progress)
     print(report.check.table())
     if report.outputs_only is not None:
         shipped = first_failure(report.outputs_only)

@@ -58,10 +58,10 @@ def _decode_mask(hidden: torch.Tensor, past) -> torch.Tensor | None:
 
 @torch.no_grad()
 def run_layer(model: DeciCoderForCausalLM, i: int, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-              past=None) -> Taps:
-    """Decoder layer ``i`` alone, as the whole model runs it, with every tap inside it (LAYER_TAPS)."""
+              past=None, names: tuple[str, ...] = LAYER_TAPS) -> Taps:
+    """Decoder layer ``i`` alone, as the whole model runs it, with the taps ``names`` inside it (default: all)."""
     layer = model.model.layers[i]
-    with capture_taps(layer, LAYER_TAPS) as taps:
+    with capture_taps(layer, names) as taps:
         layer(hidden_states, position_ids, past, _decode_mask(hidden_states, past))
     return dict(taps)
 

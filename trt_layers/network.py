@@ -194,6 +194,9 @@ class OnnxBackend(Backend):
         # fusing across ops) costs more at session start than it saves.
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Streaming builds one engine after another: an arena would keep each one's peak
+        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
+        options.enable_cpu_mem_arena = False
         # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
         # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
         options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
