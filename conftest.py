@@ -118,3 +118,23 @@ def parity_check(reference_model):
         return check_component(case.component, model, engines[key], backend.description, case.shape)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_model):
+    """The tiny model's prefill + decode engines in fp32, per backend (and injected bug), built once."""
+    from contextlib import nullcontext
+
+    from trt_layers.generation import CausalLM
+    from trt_layers.network import BACKENDS
+
+    built = {}
+
+    def get(backend: str, bug=None) -> CausalLM:
+        if (backend, bug) not in built:
+            with bug.injected() if bug else nullcontext():
+                built[backend, bug] = CausalLM.build(tiny_model.config, tiny_model.state_dict(), torch.float32,
+                                                     BACKENDS[backend]())
+        return built[backend, bug]
+
+    return get

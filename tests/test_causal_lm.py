@@ -19,22 +19,6 @@ def test_causal_lm_bug_is_localized(parity_check, case):
     assert_bug_localized(parity_check(case), case.bug)
 
 
-@pytest.fixture(scope="module")
-def tiny_engines(tiny_model):
-    from trt_layers.generation import CausalLM
-    from trt_layers.network import BACKENDS
-
-    built = {}
-
-    def get(backend: str) -> CausalLM:
-        if backend not in built:
-            built[backend] = CausalLM.build(tiny_model.config, tiny_model.state_dict(), torch.float32,
-                                            BACKENDS[backend]())
-        return built[backend]
-
-    return get
-
-
 @pytest.mark.parametrize("backend", backend_params())
 def test_causal_lm_prefill_and_decode_steps_match_reference(tiny_model, tiny_engines, backend):
     """Prefill then DECODE_STEPS greedy steps, each engine fed the cache the previous one returned."""

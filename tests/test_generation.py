@@ -9,57 +9,34 @@ from parity.backends import skip_reason
 from parity.cli import main
 from parity.generation import compare_generation
 from trt_layers.bugs import BUGS
-from trt_layers.generation import CausalLM, Sampling
-from trt_layers.network import BACKENDS
+from trt_layers.generation import Sampling
 
 # (prompt length, batch): several lengths; prompts of one length share a batch (no padding).
 PROMPTS = [(1, 1), (5, 3), (17, 2), (40, 1)]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    built = {}
-
-    def get(backend: str, bug=None) -> CausalLM:
-        if (backend, bug) not in built:
-            with bug.injected() if bug else _nothing():
-                built[backend, bug] = CausalLM.build(tiny_model.config, tiny_model.state_dict(), torch.float32,
-                                                     BACKENDS[backend]())
-        return built[backend, bug]
-
-    return get
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("prompt_len,batch", PROMPTS, ids=[f"p{p}-b{b}" for p, b in PROMPTS])
-def test_causal_lm_generation_is_identical_for_32_tokens(tiny_model, engines, backend, prompt_len, batch):
+def test_causal_lm_generation_is_identical_for_32_tokens(tiny_model, tiny_engines, backend, prompt_len, batch):
     ids = torch.randint(0, tiny_model.config.vocab_size, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(prompt_len))
-    result = compare_generation(tiny_model, engines(backend), ids, max_new_tokens=32)
+    result = compare_generation(tiny_model, tiny_engines(backend), ids, max_new_tokens=32)
     assert result.identical, result.describe()
 
 
-def test_causal_lm_generation_reports_the_first_mismatch_of_a_buggy_port(tiny_model, engines):
+def test_causal_lm_generation_reports_the_first_mismatch_of_a_buggy_port(tiny_model, tiny_engines):
     """Positions that restart at 0 in decode leave prefill intact and derail the first decode step."""
-    buggy = engines("onnx", BUGS["rope_offset_forgotten"])
+    buggy = tiny_engines("onnx", BUGS["rope_offset_forgotten"])
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     result = compare_generation(tiny_model, buggy, ids, max_new_tokens=32)
     assert result.first_mismatch is not None and result.first_mismatch >= 1
     assert result.margin > 0 and "first mismatch at step" in result.describe()
 
 
-def test_sampling_is_reproducible_and_differs_from_greedy(tiny_model, engines):
+def test_sampling_is_reproducible_and_differs_from_greedy(tiny_engines):
     ids = np.array([[1, 2, 3]])
-    sampled = [engines("onnx").generate(ids, 12, Sampling(temperature=1.5, top_k=50, seed=7))[0] for _ in range(2)]
-    greedy, _ = engines("onnx").generate(ids, 12)
+    sampled = [tiny_engines("onnx").generate(ids, 12, Sampling(temperature=1.5, top_k=50, seed=7))[0] for _ in range(2)]
+    greedy, _ = tiny_engines("onnx").generate(ids, 12)
     np.testing.assert_array_equal(sampled[0], sampled[1])
     assert not np.array_equal(sampled[0], greedy)
 
