@@ -1,4 +1,4 @@
-"""Command line of the parity suite: ``python -m parity {locate,export,list-bugs,report}``.
+"""Command line of the parity suite: ``python -m parity {locate,export,list-bugs,build,generate,report}``.
 
 Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage or input.
 """
