@@ -54,13 +54,17 @@ class CheckResult:
             raise AssertionError(message)
 
 
-def check_component(component: str, model: DeciCoderForCausalLM, engine: Engine, backend_description: str,
-                    shape: CaseShape) -> CheckResult:
-    """Run golden and candidate on the same seeded inputs and compare every tap, in order."""
+def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine | list[Engine],
+                    backend_description: str, shape: CaseShape) -> CheckResult | list[CheckResult]:
+    """Run golden and candidate on the same seeded inputs and compare every tap, in order.
+
+    Several engines of one component (say, with and without taps marked) share one golden run.
+    """
     dtype = model.lm_head.weight.dtype
     inputs = make_inputs(component, model.config, shape, dtype)
     golden = run_component(component, model, inputs)
-    candidate = engine.infer(to_feed(inputs))
     order = component_outputs(component, model.config.num_hidden_layers)
-    results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
-    return CheckResult(component, backend_description, dtype, shape, results)
+    checks = [CheckResult(component, backend_description, dtype, shape,
+                          compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[dtype], order))
+              for engine in (engines if isinstance(engines, list) else [engines])]
+    return checks if isinstance(engines, list) else checks[0]

@@ -68,10 +68,9 @@ def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape:
     with _bug_context(bug):
         shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)))
         tapped = build_candidate(component, model, backend, decode)
-    outputs_only = check_component(component, model, shipped, backend.description, shape).results
-    outputs_only = [r for r in outputs_only if r.name in real_outputs(component)]
-    report = LocateReport(check_component(component, model, tapped, backend.description, shape), outputs_only,
-                          bug=bug.name if bug else None)
+    shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape)
+    outputs_only = [r for r in shipped_check.results if r.name in real_outputs(component)]
+    report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)
     shipped_fails = first_failure(outputs_only) is not None
     tapped_fails = report.first_failure is not None
     if shipped_fails and not tapped_fails:

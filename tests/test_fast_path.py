@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from parity.generation import reference_generate
 from reference import random_model
 from trt_layers import fast_path
+from trt_layers.network import TORCH_TO_TRTLLM_DTYPE
 from trt_layers.weights import to_trtllm
 
 
@@ -20,7 +21,7 @@ def test_checkpoint_names_shapes_dtypes_and_config(tmp_path, tiny_config, dtype)
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architecture"] == "LlamaForCausalLM"
-    assert config["dtype"] == fast_path.DTYPE_NAMES[dtype]
+    assert config["dtype"] == TORCH_TO_TRTLLM_DTYPE[dtype]
     expected = {"hidden_act": "silu", "position_embedding_type": "rope_gpt_neox",
                 "num_key_value_heads": tiny_config.num_key_value_heads, "head_size": tiny_config.head_dim,
                 "intermediate_size": tiny_config.intermediate_size, "norm_epsilon": tiny_config.rms_norm_eps,

@@ -20,8 +20,7 @@ from safetensors.torch import save_file
 from reference import DeciCoderForCausalLM
 
 from . import weights as weight_mapping
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+from .network import TORCH_TO_TRTLLM_DTYPE
 
 
 def checkpoint_config(model: DeciCoderForCausalLM) -> dict:
@@ -29,7 +28,7 @@ def checkpoint_config(model: DeciCoderForCausalLM) -> dict:
     config = model.config
     return {
         "architecture": "LlamaForCausalLM",  # a MODEL_MAP key; DeciCoder's own name is not one
-        "dtype": DTYPE_NAMES[model.lm_head.weight.dtype],
+        "dtype": TORCH_TO_TRTLLM_DTYPE[model.lm_head.weight.dtype],
         "logits_dtype": "float32",
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,

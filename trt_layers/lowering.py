@@ -251,7 +251,6 @@ class Tensor:
     def __rmul__(self, other): return mul(other, self)
     def __truediv__(self, other): return div(self, other)
     def __gt__(self, other): return gt(self, other)
-    def __lt__(self, other): return lt(self, other)
 
     def __repr__(self) -> str:
         return f"Tensor(name={self.name!r}, dtype={self.dtype}, shape={list(self._shape)})"
@@ -328,10 +327,6 @@ _BINARY = {
     "div": ("Div", lambda a, b: a // b if isinstance(a, (int, np.integer)) else a / b),
     "pow": ("Pow", None),
     "gt": ("Greater", None),
-    "lt": ("Less", None),
-    "eq": ("Equal", None),
-    "maximum": ("Max", max),
-    "minimum": ("Min", min),
 }
 
 
@@ -345,7 +340,7 @@ def elementwise_binary(left, right, op: str) -> Tensor:
         raise TypeError(f"{op}: operand dtypes differ ({left.dtype} vs {right.dtype}); "
                         "a strongly typed TensorRT network rejects this: cast first")
     shape = _broadcast_shape(left.shape, right.shape, op=op)
-    dtype = "bool" if op in ("gt", "lt", "eq") else left.dtype
+    dtype = "bool" if op == "gt" else left.dtype
     value = _fold(left.known(), right.known(), fold) if fold and dtype in ("int32", "int64") else None
     if onnx_op == "Pow" and dtype not in _FLOATS:
         raise NotImplementedError(f"pow on {dtype} is not mirrored")
@@ -358,9 +353,6 @@ def mul(left, right): return elementwise_binary(left, right, "mul")  # noqa: E70
 def div(left, right): return elementwise_binary(left, right, "div")  # noqa: E704
 def pow(left, right): return elementwise_binary(left, right, "pow")  # noqa: E704,A001
 def gt(left, right): return elementwise_binary(left, right, "gt")  # noqa: E704
-def lt(left, right): return elementwise_binary(left, right, "lt")  # noqa: E704
-def maximum(left, right): return elementwise_binary(left, right, "maximum")  # noqa: E704
-def minimum(left, right): return elementwise_binary(left, right, "minimum")  # noqa: E704
 
 
 # ---------------------------------------------------------------- the vocabulary
