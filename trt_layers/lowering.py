@@ -109,6 +109,8 @@ class Network:
     def mark_output(self, tensor: "Tensor", name: str) -> None:
         if name in self.output_names:
             raise ValueError(f"output {name!r} is marked twice")
+        if any(i.name == name for i in self.inputs):
+            raise ValueError(f"output {name!r} would take an input's name")
         self.output_names.add(name)
         self.nodes.append(helper.make_node("Identity", [tensor.name], [name], name=name))
         dims = [None if d == -1 else d for d in tensor.shape]  # a dynamic dim stays unnamed: its size is run-time
@@ -462,8 +464,10 @@ def elementwise_binary(left, right, op: str) -> Tensor:
         raise TypeError(f"{op}: operand dtypes differ ({left.dtype} vs {right.dtype}); "
                         "a strongly typed TensorRT network rejects this: cast first")
     if left.dtype not in accepted:
-        error = NotImplementedError if left.dtype not in ("bool", *_ARITHMETIC) else TypeError
-        raise error(f"{op}: TensorRT's elementwise layer takes {list(accepted)} for it, not {left.dtype}")
+        # TensorRT refuses bool arithmetic and non-bool logic; other gaps (int8, integer POW) are unmirrored.
+        refused = left.dtype == "bool" or accepted == ("bool",)
+        raise (TypeError if refused else NotImplementedError)(
+            f"{op}: TensorRT's elementwise layer takes {list(accepted)} for it, not {left.dtype}")
     shape = _broadcast_shape(left.shape, right.shape, op=op)
     dtype = "bool" if op in _BOOL_RESULT else left.dtype
     value = _fold(left.known(), right.known(), fold) if fold and dtype in _INTS else None
