@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 
-from trt_layers import functional as F
 from trt_layers import lowering as L
 from trt_layers.network import InputSpec, OnnxBackend
 
