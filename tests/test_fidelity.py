@@ -358,7 +358,8 @@ UPSTREAM: list[Case] = [
     Case("test_sigmoid.py::TestSigmoid::test_sigmoid", lambda: {"x": randn(2, 3, 4, 5)},
          lambda i: {"output": L.sigmoid(i["x"])}, lambda x: {"output": torch.sigmoid(x)}),
     *_matmul_cases(),
-    Case("test_matmul.py::TestMatmul::test_matmul_broadcast", lambda: {"x": randn(16, 4, 4, 5), "y": randn(16, 1, 5, 4)},
+    Case("test_matmul.py::TestMatmul::test_matmul_broadcast",
+         lambda: {"x": randn(16, 4, 4, 5), "y": randn(16, 1, 5, 4)},
          lambda i: {"output": L.matmul(i["x"], i["y"])}, lambda x, y: {"output": torch.matmul(x, y)},
          {"rtol": 1e-7, "atol": 1e-5}),
     *(Case(f"test_identity.py::TestFunctional::test_identity[{dtype}-False]",
@@ -543,10 +544,12 @@ SOURCE: list[Case] = [
          lambda i: {"last": L.unsqueeze(i["x"], -1), "middle": L.unsqueeze(i["x"], -2),
                     "two": L.expand_dims(i["x"], [0, 2])},
          lambda x: {"last": x[:, :, None], "middle": x[:, None], "two": x[None, :, None]}),
-    Case("functional.py:view (0 copies a dim, -1 is inferred), permute with negative dims", lambda: {"x": randn(2, 3, 4)},
+    Case("functional.py:view (0 copies a dim, -1 is inferred), permute with negative dims",
+         lambda: {"x": randn(2, 3, 4)},
          lambda i: {"view": L.view(i["x"], [0, -1]), "permute": L.permute(i["x"], [-1, 0, 1])},
          lambda x: {"view": x.reshape(2, 12), "permute": x.permute(2, 0, 1)}, static=("x:1", "x:2")),
-    *(Case(f"functional.py:softmax[{dtype}-{dim}]", lambda dtype=dtype: {"x": randn(2, 3, 4, dtype=TORCH_DTYPES[dtype])},
+    *(Case(f"functional.py:softmax[{dtype}-{dim}]",
+           lambda dtype=dtype: {"x": randn(2, 3, 4, dtype=TORCH_DTYPES[dtype])},
            lambda i, dim=dim: {"output": L.softmax(i["x"], dim)},
            lambda x, dim=dim: {"output": torch.softmax(x.float(), -1 if dim is None else dim).to(x.dtype)},
            {"float16": {"rtol": 1e-3, "atol": 1e-3}}.get(dtype, {}))
@@ -556,7 +559,8 @@ SOURCE: list[Case] = [
                     "max": L.max(i["x"], 0), "max_int": L.max(L.cast(i["x"] * 10.0, "int32"), 1)},
          lambda x: {"mean": x.mean((1, 2)), "mean_kept": x.mean(-1, keepdim=True), "max": x.amax(0),
                     "max_int": (x * 10).int().amax(1)}),
-    Case("functional.py:abs (float and int)", lambda: {"x": randn(2, 3), "n": torch.tensor([-3, 0, 4], dtype=torch.int32)},
+    Case("functional.py:abs (float and int)",
+         lambda: {"x": randn(2, 3), "n": torch.tensor([-3, 0, 4], dtype=torch.int32)},
          lambda i: {"float": L.abs(i["x"]), "int": L.abs(i["n"])}, lambda x, n: {"float": x.abs(), "int": n.abs()}),
     Case("functional.py:Tensor methods", lambda: {"x": randn(2, 3, 4) + 0.5}, _tensor_methods,
          _tensor_methods_expected, static=("x:1", "x:2")),  # split, unbind and flatten need static dims
@@ -564,7 +568,8 @@ SOURCE: list[Case] = [
          lambda i: {"all": L.flatten(i["x"]), "tail": L.flatten(i["x"], 1, -1), "none": L.flatten(i["x"], 2, 1)},
          lambda x: {"all": x.flatten(), "tail": x.flatten(1), "none": x}, dynamic=False),
     Case("functional.py:gather (GatherElements, its docstring's example)",
-         lambda: {"x": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "i": torch.tensor([[1], [0]], dtype=torch.int32)},
+         lambda: {"x": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),
+                  "i": torch.tensor([[1], [0]], dtype=torch.int32)},
          lambda i: {"output": L.gather(i["x"], -1, i["i"])}, lambda x, i: {"output": torch.tensor([[2.0], [4.0]])}),
     Case("functional.py:slice (strides, sizes from shape arithmetic)", lambda: {"x": randn(3, 8)},
          lambda i: {"output": L.slice(i["x"], [0, 1], L.concat([L.shape(i["x"], 0), L.shape(i["x"], 1) / 2]), [1, 2])},
@@ -576,8 +581,9 @@ SOURCE: list[Case] = [
          lambda i: {"output": L.repeat_interleave(i["k"], 3, 1)}, lambda k: {"output": k.repeat_interleave(3, 1)}),
     *(Case(f"functional.py:matmul (a constant weight, transb: the port's linear)[{dtype}]",
            lambda dtype=dtype: {"x": randn(2, 3, 8, dtype=TORCH_DTYPES[dtype])},
-           lambda i, dtype=dtype: {"xwt": L.matmul(i["x"], const(WEIGHT.to(TORCH_DTYPES[dtype]).numpy()), transb=True),
-                                   "xw": L.matmul(i["x"], const(WEIGHT.T.contiguous().to(TORCH_DTYPES[dtype]).numpy()))},
+           lambda i, dtype=dtype: {
+               "xwt": L.matmul(i["x"], const(WEIGHT.to(TORCH_DTYPES[dtype]).numpy()), transb=True),
+               "xw": L.matmul(i["x"], const(WEIGHT.T.contiguous().to(TORCH_DTYPES[dtype]).numpy()))},
            lambda x: {"xwt": (x.float() @ WEIGHT.T).to(x.dtype), "xw": (x.float() @ WEIGHT.T).to(x.dtype)},
            {"float16": {"rtol": 1e-3, "atol": 1e-3}}.get(dtype, {}))
       for dtype in ("float32", "float16")),
@@ -588,7 +594,8 @@ SOURCE: list[Case] = [
     Case("functional.py:rms_norm (small activations, where eps matters)", lambda: {"x": randn(2, 3, 16) * 1e-2},
          lambda i: {"output": L.rms_norm(i["x"], (16,), eps=1e-3)},
          lambda x: {"output": x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3)}),
-    Case("functional.py:cast, identity (integers and bool)", lambda: {"n": torch.tensor([[1, -2, 3]], dtype=torch.int64)},
+    Case("functional.py:cast, identity (integers and bool)",
+         lambda: {"n": torch.tensor([[1, -2, 3]], dtype=torch.int64)},
          lambda i: {"int32": L.cast(i["n"], "int32"), "float": L.cast(i["n"] > 0, "float32"),
                     "same": L.identity(i["n"])},
          lambda n: {"int32": n.int(), "float": (n > 0).float(), "same": n}),
@@ -633,7 +640,8 @@ REFUSED: list[Refusal] = [
     Refusal("elementwise: fp32 and fp16 operands are not promoted", F32_F16, lambda i: i["x"] + i["h"], TypeError,
             "float32 vs float16"),
     Refusal("matmul: fp32 x fp16", F32_F16, lambda i: L.matmul(i["x"], i["h"], transb=True), TypeError, "differ"),
-    Refusal("where: 0.0 is an fp32 constant whatever the other branch", {"c": ("bool", (2, 3)), "h": ("float16", (2, 3))},
+    Refusal("where: 0.0 is an fp32 constant whatever the other branch",
+            {"c": ("bool", (2, 3)), "h": ("float16", (2, 3))},
             lambda i: L.where(i["c"], i["h"], 0.0), TypeError, "branch dtypes differ"),
     Refusal("where: 1 is int32, 2.0 fp32", BOOL, lambda i: L.where(i["c"], 1, 2.0), TypeError, "branch dtypes differ"),
     Refusal("where: the select layer's condition is bool", I32, lambda i: L.where(i["n"], 1.0, 0.0), TypeError,
@@ -832,7 +840,8 @@ def test_every_mirrored_function_and_tensor_member_is_exercised():
     finally:
         sys.setprofile(previous)
     assert sorted(set(mirrored.values()) - called) == []
+    refusing = L._not_mirrored("", "").__code__
     refused_members = {name for name, member in vars(L.Tensor).items()
-                       if getattr(getattr(member, "fget", member), "__code__", None) is L._not_mirrored("", "").__code__}
+                       if getattr(getattr(member, "fget", member), "__code__", None) is refusing}
     refused_members.add("dtype")  # its setter refuses
     assert sorted(m for m in refused_members if not any(f"Tensor.{m}" == r.match for r in REFUSED)) == []

@@ -318,7 +318,7 @@ class Tensor:
     def __mod__(self, other): return modulo(self, other)
     def __lt__(self, other): return lt(self, other)
     def __gt__(self, other): return gt(self, other)
-    def __eq__(self, other): return eq(self, other)  # an EQUAL layer, as TensorRT-LLM builds while building
+    def __eq__(self, other): return eq(self, other)  # EQUAL (hashes compare only in graph rewriting)
     def __ge__(self, other): return op_or(self > other, self == other)
     def __le__(self, other): return op_or(self < other, self == other)
 
