@@ -47,6 +47,7 @@ class Case:
     static: tuple[str, ...] = ()  # "name" or "name:dim" that stay static in the dynamic variant
     dynamic: bool = True  # False: the op needs every dim static (no dynamic variant)
     compare: Callable | None = None  # (actual, expected, inputs) -> None, where the upstream compares otherwise
+    sizes_from_values: bool = False  # output sizes read from input values (shape tensors): unknown at build time
 
 
 def run(case: Case, inputs: dict[str, torch.Tensor], dynamic: bool):
@@ -76,8 +77,11 @@ def check(case: Case, dynamic: bool):
     expected = case.expected(**inputs)
     assert list(actual) == list(expected)
     for name, value in actual.items():
-        # TensorRT's build-time view: a dim is -1 or the size the engine computes.
-        assert len(built[name]) == value.ndim and all(b in (-1, a) for b, a in zip(built[name], value.shape)), \
+        # TensorRT's build-time view: a dim is -1 or the size the engine computes; at static input
+        # shapes shape arithmetic folds, so every size is known unless it is read from input values.
+        static = not dynamic and not case.sizes_from_values
+        assert len(built[name]) == value.ndim and all(b in ((a,) if static else (-1, a))
+                                                      for b, a in zip(built[name], value.shape)), \
             f"{name}: built as {list(built[name])}, computed {list(value.shape)}"
         if case.compare is not None:
             case.compare(value, expected[name], inputs)
@@ -245,8 +249,7 @@ def _cumsum_last_dim(x: L.Tensor) -> L.Tensor:
 
 def _cumsum_cases() -> list[Case]:
     """test_cumsum.py::test_cumsum_dynamic_last_dim with prefer_plugin=False (the layer path; the
-    plugin path is not mirrored). The upstream builds the last dim dynamic; the static variant here
-    keeps it so."""
+    plugin path is not mirrored). The upstream's dynamic last dim is the dynamic variant here."""
     tolerances = {"float32": {"rtol": 1e-5, "atol": 1e-5}, "float16": {"rtol": 1e-2, "atol": 1e-2}, "int32": EXACT}
     cases = []
     for dtype in ("float32", "float16", "int32"):
@@ -310,11 +313,11 @@ UPSTREAM: list[Case] = [
     Case("test_expand.py::TestExpand::test_expand_2d",
          lambda: {"input": rand(1, 10), "shape": torch.tensor([2, 10], dtype=torch.int32)},
          lambda i: {"output": L.expand(i["input"], i["shape"])},
-         lambda input, shape: {"output": input.expand(2, 10)}, static=("shape",)),
+         lambda input, shape: {"output": input.expand(2, 10)}, static=("shape",), sizes_from_values=True),
     Case("test_expand.py::TestExpand::test_expand_4d",
          lambda: {"input": rand(2, 1, 1, 10), "shape": torch.tensor([2, 1, 12, 10], dtype=torch.int32)},
          lambda i: {"output": L.expand(i["input"], i["shape"])},
-         lambda input, shape: {"output": input.expand(2, 1, 12, 10)}, static=("shape",)),
+         lambda input, shape: {"output": input.expand(2, 1, 12, 10)}, static=("shape",), sizes_from_values=True),
     Case("test_expand.py::TestExpand::test_expand_implicit", lambda: {"input": rand(1, 10)}, _expand_implicit,
          lambda input: {"output": input.expand(8, 10)}),
     *(Case(f"test_where.py::TestWhere::test_where_from_bool[{condition}]",
@@ -332,7 +335,7 @@ UPSTREAM: list[Case] = [
                                 "starts": torch.tensor([0, 128], dtype=torch.int32),
                                 "sizes": torch.tensor([1, 1], dtype=torch.int32)},
            lambda i: {"output": L.slice(i["x"], i["starts"], i["sizes"])},
-           lambda x, starts, sizes: {"output": x[0:1, 128:129]}, static=("starts", "sizes"))
+           lambda x, starts, sizes: {"output": x[0:1, 128:129]}, static=("starts", "sizes"), sizes_from_values=True)
       for dtype in ("float32", "float16")),
     Case("test_slice.py::TestFunctional::test_slice_implicit", lambda: {"x": rand(256)}, _slice_implicit,
          lambda x: {"output": x[0:128]}),
@@ -385,7 +388,7 @@ UPSTREAM: list[Case] = [
     Case("test_view.py::TestView::test_view_dynamic",
          lambda: {"input": rand(4, 3), "shape": torch.tensor([2, 6], dtype=torch.int32)},
          lambda i: {"output": L.view(input=i["input"], shape=i["shape"])},
-         lambda input, shape: {"output": input.view(2, 6)}, static=("shape",)),
+         lambda input, shape: {"output": input.view(2, 6)}, static=("shape",), sizes_from_values=True),
     Case("test_squeeze.py::TestSqueeze::test_squeeze[data-1]", lambda: {"input": torch.tensor(SQUEEZE_DATA)},
          lambda i: {"output": L.squeeze(i["input"], dim=1)}, lambda input: {"output": input.squeeze(1)},
          static=("input:1",)),  # squeeze drops only the dims that are 1 at build time
