@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
     selected, why = resolve_candidates(config.getoption("--backend"))
     for item in items:
         for marker in HARDWARE_MARKERS:
-            if marker in item.keywords and (reason := skip_reason(marker)):
+            if item.get_closest_marker(marker) and (reason := skip_reason(marker)):
                 item.add_marker(pytest.mark.skip(reason=f"needs {marker}: {reason}"))
         params = item.callspec.params if hasattr(item, "callspec") else {}
         case = params.get("case")

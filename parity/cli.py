@@ -17,7 +17,7 @@ from reference import COMPONENTS, CheckpointError, ConfigError, load_model, reso
 from reference.inputs import DECODE_COMPONENTS, CaseShape
 from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
 from trt_layers.bugs import BUGS
-from trt_layers.network import BACKENDS
+from trt_layers.network import BACKENDS, Profile, TrtllmBackend
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
@@ -168,13 +168,14 @@ def _check_phase(args: argparse.Namespace) -> None:
         raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
 
 
-def _candidate_backend(option: str, dtype: torch.dtype):
+def _candidate_backend(option: str, dtype: torch.dtype, profile: Profile | None = None):
+    """The candidate backend; TensorRT engines serve ``profile`` (default: the whole context)."""
     selected, why = resolve_candidates(option)
     if option == "trtllm" and (reason := skip_reason("trtllm")):
         raise ValueError(f"--backend trtllm cannot run here: {reason}")
     if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
         raise ValueError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
-    return BACKENDS[selected[0]](), why
+    return (TrtllmBackend(profile) if selected[0] == "trtllm" else BACKENDS[selected[0]]()), why
 
 
 def _progress(message: str) -> None:
@@ -184,7 +185,7 @@ def _progress(message: str) -> None:
 def locate_command(args: argparse.Namespace) -> int:
     _check_phase(args)
     dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype)
+    backend, why = _candidate_backend(args.backend, dtype, Profile.of(_shape(args)))
     bug = BUGS[args.inject] if args.inject else None
     started = time.perf_counter()
     model = load_model(args.model, dtype, args.seed)
@@ -237,13 +238,14 @@ def generate_command(args: argparse.Namespace) -> int:
     from .generation import compare_generation
 
     dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype)
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     ids = _prompt_ids(args, tokenizer)
+    batch, prompt = ids.shape  # the decode engine's cache grows to prompt + max_new_tokens - 1
+    backend, why = _candidate_backend(args.backend, dtype, Profile(batch, prompt, prompt + args.max_new_tokens - 1))
     model = load_model(args.model, dtype, args.seed)
     if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"--prompt-ids: token ids must lie in [0, {model.config.vocab_size})")
@@ -281,6 +283,7 @@ def build_command(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype)
     backend, why = _candidate_backend(args.backend, dtype)
     model = load_model(args.model, dtype, args.seed)
+    fast_path_options = fast_path.build_options(model.config, dtype) if args.fast_path else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -293,12 +296,11 @@ def build_command(args: argparse.Namespace) -> int:
         checkpoint = fast_path.write_checkpoint(model, out / "trtllm_checkpoint")
         print(f"fast path: TensorRT-LLM LLaMA checkpoint in {checkpoint}")
         if skip_reason("trtllm") is None:
-            engine_dir = fast_path.build_engine(checkpoint, out / "trtllm_engine")
+            engine_dir = fast_path.build_engine(checkpoint, out / "trtllm_engine", fast_path_options)
             print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {engine_dir}")
         else:
-            print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: trtllm-build "
-                  f"--checkpoint_dir {checkpoint} --output_dir {out / 'trtllm_engine'} --gpt_attention_plugin auto "
-                  f"--gemm_plugin auto")
+            print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: "
+                  f"{fast_path.trtllm_build_command(checkpoint, out / 'trtllm_engine', fast_path_options)}")
     return 0
 
 
