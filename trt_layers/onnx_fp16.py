@@ -1,0 +1,85 @@
+"""fp16 graphs on ONNX Runtime's CPU with an fp16 result at every op boundary, as an fp16 engine computes.
+
+ONNX Runtime's CPU provider has no fp16 kernel for most ops. Its InsertCastTransformer wraps each
+such op in casts to and from fp32, then RemoveDuplicateCastTransformer drops the cast pairs it
+inserted between neighbouring ops, so a chain of fp16 ops runs in fp32 end to end and rounds to
+fp16 only where the graph hands a value out. A port that squares in fp16 (RMSNorm without its fp32
+upcast) would never overflow there. No session option turns either pass off.
+
+The remover keeps casts it did not insert when they lose precision (its ``UnsafeCast``: a float
+narrowing whose node is not one of its own ``InsertedPrecisionFreeCast_``). So the graph is
+rewritten to compute in fp32 with an explicit round trip after every op that yields an fp16
+value: ``op (fp32) -> Cast(fp16) -> Cast(fp32) -> next op``. Each value keeps its name and fp16
+type; its consumers read the fp32 copy of it. An op computes as the fp32 kernel rounded once to
+fp16, which is what an fp16 kernel gives for the elementwise ops (fp32 holds every fp16 product
+and sum exactly enough for a single correct rounding) and what TensorRT's fp16 reductions and
+matmuls give with their fp32 accumulators.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+FP16, FP32 = TensorProto.FLOAT16, TensorProto.FLOAT
+# How the onnx backend computes fp16, for its description in every report.
+EXECUTION = "fp16 rounded after every op by explicit casts"
+
+
+def _cast(source: str, target: str, to: int) -> onnx.NodeProto:
+    return helper.make_node("Cast", [source], [target], name=f"{target}/cast", to=to)
+
+
+def _fp16_values(model: onnx.ModelProto) -> set[str]:
+    """Names of every fp16 value of the graph: inputs, initializers and node outputs."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    values = [*inferred.input, *inferred.value_info, *inferred.output]
+    names = {v.name for v in values if v.type.tensor_type.elem_type == FP16}
+    names |= {t.name for t in inferred.initializer if t.data_type == FP16}
+    typed = {v.name for v in values} | {t.name for t in inferred.initializer}
+    untyped = [o for node in inferred.node for o in node.output if o and o not in typed]
+    if untyped:
+        # Without a type we cannot tell whether the value needs rounding: refuse, never guess.
+        raise ValueError(f"ONNX type inference left {untyped[:5]} untyped: cannot round per op")
+    return names
+
+
+def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` computed in fp32 with every fp16 value rounded to fp16 where it is produced.
+
+    Graph inputs, outputs and every value keep their names and fp16 types, so feeds and taps
+    are unchanged. A graph without fp16 values comes back as it is.
+    """
+    fp16 = _fp16_values(model)
+    if not fp16:
+        return model
+    graph = model.graph
+    consumed = {name for node in graph.node for name in node.input}
+    as_fp32: dict[str, str] = {}  # fp16 value -> its fp32 copy, which the ops downstream read
+    nodes: list[onnx.NodeProto] = []
+
+    def widen(name: str) -> None:
+        if name in consumed:
+            as_fp32[name] = f"{name}/fp32"
+            nodes.append(_cast(name, as_fp32[name], FP32))
+
+    for source in [*graph.input, *graph.initializer]:
+        if source.name in fp16:
+            widen(source.name)
+    for node in graph.node:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        node.input[:] = [as_fp32.get(name, name) for name in node.input]
+        narrows = node.op_type == "Cast" and any(a.name == "to" and a.i == FP16 for a in node.attribute)
+        rounds = []
+        for k, name in enumerate(node.output):
+            if name in fp16 and not narrows:  # a Cast to fp16 is its own rounding
+                node.output[k] = f"{name}/unrounded"
+                rounds.append(_cast(node.output[k], name, FP16))
+        nodes += [node, *rounds]
+        for name in node.output if narrows else [r.output[0] for r in rounds]:
+            widen(name)
+    rewritten = helper.make_graph(nodes, graph.name, graph.input, graph.output, graph.initializer)
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.CopyFrom(rewritten)
+    return result
