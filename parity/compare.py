@@ -30,11 +30,17 @@ class Tolerance:
 
 
 # Per dtype of the compared run, for taps of magnitude up to 1 (see tap_atol for larger ones).
-# Weights keep activations O(1) (reference.modeling.init_random_weights).
+# Weights keep activations O(1) (reference.modeling.init_random_weights). Measured: the largest
+# |candidate - golden| / max(1, max |golden|) (rtol 0) of the onnx backend against the reference in
+# the same dtype, over every tap of rmsnorm, mlp, rope, gqa_masked/unmasked and decoder_layer (3
+# KV layouts, batch 1/3, seq 1/7/64, past 0/5/100, 3 seeds) and of locate's causal_lm with 20 tiny layers.
 TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.float32: Tolerance(1e-5, 1e-5, "same math in fp32 differs only by summation order: ~1e-6 at O(1) values"),
-    torch.float16: Tolerance(1e-2, 1e-2, "each fp16 op rounds to 2^-11 relative; a few roundings on O(1) values stay under 1e-2"),
-    torch.bfloat16: Tolerance(6e-2, 6e-2, "bf16 keeps 8 mantissa bits (2^-8 relative); a few roundings stay under 6e-2"),
+    torch.float32: Tolerance(1e-5, 1e-5, "fp32 differs by summation order only: measured 1.3e-6 per component, "
+                                         "1.8e-6 after 20 layers; 5x margin"),
+    torch.float16: Tolerance(1e-2, 1e-2, "fp16 rounded per op on both sides: measured 1.6e-3 per component, 4.6e-3 "
+                                         "after 20 layers (2x margin); decicoder-1b fp16 is 3.8e-3 off fp32 on GPU"),
+    torch.bfloat16: Tolerance(6e-2, 6e-2, "bf16 keeps 8 mantissa bits: decicoder-1b in bf16 is 3.4e-2 off fp32 on GPU "
+                                          "(docs/gpu_baseline.md); 1.8x margin"),
 }
 
 

@@ -6,7 +6,9 @@ ONNX Runtime keeps the rounding, and that ports missing an fp32 upcast fail in f
 activations reach fp16's range, while the port as written passes on the same inputs.
 """
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from unittest import mock
 
 import numpy as np
@@ -14,6 +16,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 from test_lowering import run_lowered
 
 from parity.check import build_candidate
@@ -55,6 +58,21 @@ def test_each_op_rounds_to_fp16():
     np.testing.assert_array_equal(inside["absorbed"], [0.25, 0.25])
 
 
+@pytest.mark.parametrize("component", ["rmsnorm", "gqa_masked", "gqa_unmasked"])
+def test_rounding_agrees_with_onnx_reference_evaluator(reference_model, component):
+    """onnx.reference evaluates the lowering's own fp16 graph in numpy, whose fp16 ops each round:
+    every tap agrees bit for bit. (Not the MLP: onnx.reference's fp16 sigmoid has fp16 intermediates.)"""
+    model = reference_model(2, torch.float16)
+    decode = component == "gqa_unmasked"
+    engine = build_candidate(component, model, OnnxBackend(), decode)
+    with fp32_inside:
+        fp16_graph = engine.model  # the lowering's graph, not rewritten
+    feed = to_feed(make_inputs(component, model.config, CaseShape(2, 16, 5 if decode else 0), torch.float16))
+    actual = engine.infer(feed)
+    for output, expected in zip(fp16_graph.graph.output, ReferenceEvaluator(fp16_graph).run(None, feed)):
+        np.testing.assert_array_equal(actual[output.name], expected, err_msg=output.name)
+
+
 def _count_casts(model: onnx.ModelProto, to: int) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "Cast" and any(a.i == to for a in n.attribute))
 
@@ -71,7 +89,7 @@ def test_onnxruntime_keeps_every_rounding(reference_model, tmp_path):
     roundings = _count_casts(graph, onnx.TensorProto.FLOAT16)
     assert roundings > 50 and _count_casts(optimized, onnx.TensorProto.FLOAT16) == roundings
     assert not [n.name for n in optimized.graph.node if n.name.startswith("InsertedPrecisionFreeCast")]
-    fp16_values = onnx_fp16._fp16_values(optimized)
+    fp16_values = onnx_fp16.fp16_values(optimized)
     fp16_ops = [n.op_type for n in optimized.graph.node if n.op_type not in ("Cast", "Identity")
                 and fp16_values.intersection([*n.input, *n.output])]
     assert not fp16_ops, f"ops computing on fp16 inside ONNX Runtime: {sorted(set(fp16_ops))}"
@@ -86,14 +104,17 @@ def rmsnorm_in_fp16(x, weights, name, config, dtype):
 
 
 def _spelled_softmax(x):
-    """exp(x) / sum(exp(x)) over the last dim, in x's dtype: exp overflows fp16 past x = 11.1, fp32 past 88.7."""
-    exp = lowering._unary("Exp", x)
-    axes = lowering.constant(np.asarray([-1], dtype=np.int64))
-    total = lowering.default_net().add_node("ReduceSum", [exp, axes], exp.dtype, (*exp.shape[:-1], 1), keepdims=1)
+    """exp(x) / sum(exp(x)) over the last dim, in x's dtype: exp overflows fp16 past x = 11.1, fp32 past 88.7.
+    (ONNX nodes: the port's vocabulary has no exp or sum.)"""
+    net = lowering.default_net()
+    exp = net.add_node("Exp", [x], x.dtype, x.shape)
+    total = net.add_node("ReduceSum", [exp, lowering.constant(np.asarray([-1]))], exp.dtype, (*exp.shape[:-1], 1),
+                         keepdims=1)
     return exp / total
 
 
 def probs_spelled_in_fp32(scores, mask):
+    """A softmax spelled out, with the fp32 upcast: fine up to scores of 88."""
     scores_fp32 = F.cast(scores, "float32") + mask
     return F.cast(_spelled_softmax(scores_fp32), scores.dtype)
 
@@ -106,54 +127,61 @@ def probs_spelled_in_fp16(scores, mask):
 def _rmsnorm_with_outliers(inputs):
     """Every third token an outlier of RMS 300, as real residual streams carry."""
     hidden = inputs["hidden_states"].clone()  # [b, s, hidden]
-    hidden[:, ::3] = torch.randn(hidden[:, ::3].shape, generator=torch.Generator().manual_seed(1)).to(hidden.dtype) * 300
+    outliers = torch.randn(hidden[:, ::3].shape, generator=torch.Generator().manual_seed(1)) * 300
+    hidden[:, ::3] = outliers.to(hidden.dtype)
     return {"hidden_states": hidden}
 
 
 def _attention_with_large_scores(inputs):
-    """Hidden states x2: attention scores up to ~20, past fp16's exp range, within fp32's."""
+    """Hidden states x2: attention scores up to ~16, past fp16's exp range, well within fp32's."""
     return {**inputs, "hidden_states": inputs["hidden_states"] * 2}
 
 
-PORTS = {
-    # port: (component, modeling function replaced, replacement, inputs, the tap that must fail)
-    "rmsnorm_fp16_square": ("rmsnorm", "rmsnorm", rmsnorm_in_fp16, _rmsnorm_with_outliers, "out"),
-    "softmax_fp16_exp": ("gqa_masked", "attention_probs", probs_spelled_in_fp16, _attention_with_large_scores,
-                         "probs"),
+@dataclass(frozen=True)
+class MissingUpcast:
+    component: str
+    replaced: str  # the trt_layers.modeling function the port replaces
+    broken: Callable  # without the fp32 upcast
+    kept: Callable | None  # the same code with the upcast (None: the port as written)
+    inputs: Callable  # make_inputs' inputs -> inputs where the upcast matters
+    first_tap: str
+
+
+MISSING_UPCASTS = {
+    "rmsnorm_fp16_square": MissingUpcast("rmsnorm", "rmsnorm", rmsnorm_in_fp16, None, _rmsnorm_with_outliers, "out"),
+    "softmax_fp16_exp": MissingUpcast("gqa_masked", "attention_probs", probs_spelled_in_fp16, probs_spelled_in_fp32,
+                                      _attention_with_large_scores, "probs"),
 }
-# The same component with the upcast kept: it must pass on the same inputs.
-UPCAST_KEPT = {"rmsnorm_fp16_square": None, "softmax_fp16_exp": probs_spelled_in_fp32}
 
 
-def _check(port: str, reference_model, replacement, rounding=nullcontext()):
-    component, attribute, _, adapt, _ = PORTS[port]
+def _check(port: MissingUpcast, reference_model, replacement, rounding=nullcontext()):
     model = reference_model(2, torch.float16)
-    inputs = adapt(make_inputs(component, model.config, CaseShape(batch=2, seq_len=16), torch.float16))
-    patch = mock.patch(f"trt_layers.modeling.{attribute}", replacement) if replacement else nullcontext()
+    inputs = port.inputs(make_inputs(port.component, model.config, CaseShape(batch=2, seq_len=16), torch.float16))
+    patch = mock.patch(f"trt_layers.modeling.{port.replaced}", replacement) if replacement else nullcontext()
     with patch, rounding:
-        engine = build_candidate(component, model, OnnxBackend(), decode=False)
-    golden = run_component(component, model, inputs)
-    order = component_outputs(component, model.config.num_hidden_layers)
+        engine = build_candidate(port.component, model, OnnxBackend(), decode=False)
+    golden = run_component(port.component, model, inputs)
+    order = component_outputs(port.component, model.config.num_hidden_layers)
     return compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[torch.float16], order)
 
 
-@pytest.mark.parametrize("port", PORTS)
-def test_port_missing_fp32_upcast_fails_in_fp16(reference_model, port):
-    _, _, broken, _, tap = PORTS[port]
-    results = _check(port, reference_model, broken)
+@pytest.mark.parametrize("name", MISSING_UPCASTS)
+def test_port_missing_fp32_upcast_fails_in_fp16(reference_model, name):
+    port = MISSING_UPCASTS[name]
+    results = _check(port, reference_model, port.broken)
     first = first_failure(results)
-    assert first is not None and first.name == tap, format_table(results, f"{port}: expected to fail at {tap}")
+    message = format_table(results, f"{name}: must fail at {port.first_tap}")
+    assert first is not None and first.name == port.first_tap, message
 
 
-@pytest.mark.parametrize("port", PORTS)
-def test_port_keeping_fp32_upcast_passes_on_the_same_inputs(reference_model, port):
-    results = _check(port, reference_model, UPCAST_KEPT[port])
-    assert first_failure(results) is None, format_table(results, port)
+@pytest.mark.parametrize("name", MISSING_UPCASTS)
+def test_port_keeping_fp32_upcast_passes_on_the_same_inputs(reference_model, name):
+    results = _check(MISSING_UPCASTS[name], reference_model, MISSING_UPCASTS[name].kept)
+    assert first_failure(results) is None, format_table(results, name)
 
 
-@pytest.mark.parametrize("port", PORTS)
-def test_fp32_inside_the_graph_hides_the_missing_upcast(reference_model, port):
+@pytest.mark.parametrize("name", MISSING_UPCASTS)
+def test_fp32_inside_the_graph_hides_the_missing_upcast(reference_model, name):
     """Why per-op rounding is needed: ONNX Runtime's own fp16 execution passes the broken port."""
-    _, _, broken, _, _ = PORTS[port]
-    results = _check(port, reference_model, broken, rounding=fp32_inside)
-    assert first_failure(results) is None, format_table(results, port)
+    results = _check(MISSING_UPCASTS[name], reference_model, MISSING_UPCASTS[name].broken, rounding=fp32_inside)
+    assert first_failure(results) is None, format_table(results, name)

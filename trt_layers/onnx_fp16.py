@@ -4,16 +4,17 @@ ONNX Runtime's CPU provider has no fp16 kernel for most ops. Its InsertCastTrans
 such op in casts to and from fp32, then RemoveDuplicateCastTransformer drops the cast pairs it
 inserted between neighbouring ops, so a chain of fp16 ops runs in fp32 end to end and rounds to
 fp16 only where the graph hands a value out. A port that squares in fp16 (RMSNorm without its fp32
-upcast) would never overflow there. No session option turns either pass off.
+upcast) would never overflow there. No session setting turns either pass off: the insertion runs
+after the optimizers, at every optimization level, whatever ``disabled_optimizers`` names.
 
 The remover keeps casts it did not insert when they lose precision (its ``UnsafeCast``: a float
 narrowing whose node is not one of its own ``InsertedPrecisionFreeCast_``). So the graph is
 rewritten to compute in fp32 with an explicit round trip after every op that yields an fp16
 value: ``op (fp32) -> Cast(fp16) -> Cast(fp32) -> next op``. Each value keeps its name and fp16
-type; its consumers read the fp32 copy of it. An op computes as the fp32 kernel rounded once to
-fp16, which is what an fp16 kernel gives for the elementwise ops (fp32 holds every fp16 product
-and sum exactly enough for a single correct rounding) and what TensorRT's fp16 reductions and
-matmuls give with their fp32 accumulators.
+type; its consumers read the fp32 copy of it. An op computes as its fp32 kernel rounded once to
+fp16: for + - * / and sqrt that is the correctly rounded fp16 result (rounding to fp32 first
+loses nothing, as 24 >= 2 * 11 + 2 bits); reductions and matmuls accumulate in fp32 (the
+lowering's fp16 matmuls are fp32 already, as TensorRT-LLM's ``use_fp32_acc`` makes them).
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ def _cast(source: str, target: str, to: int) -> onnx.NodeProto:
     return helper.make_node("Cast", [source], [target], name=f"{target}/cast", to=to)
 
 
-def _fp16_values(model: onnx.ModelProto) -> set[str]:
+def fp16_values(model: onnx.ModelProto) -> set[str]:
     """Names of every fp16 value of the graph: inputs, initializers and node outputs."""
-    inferred = onnx.shape_inference.infer_shapes(model).graph
+    graph = model.graph
+    # Types need no weights: infer on a skeleton whose initializers are typed inputs (a model past
+    # protobuf's 2 GiB could not be inferred on whole).
+    inputs = {v.name for v in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in graph.initializer
+               if t.name not in inputs]
+    skeleton = helper.make_model(helper.make_graph(graph.node, graph.name, [*graph.input, *weights], graph.output),
+                                 opset_imports=model.opset_import)
+    inferred = onnx.shape_inference.infer_shapes(skeleton).graph
     values = [*inferred.input, *inferred.value_info, *inferred.output]
-    names = {v.name for v in values if v.type.tensor_type.elem_type == FP16}
-    names |= {t.name for t in inferred.initializer if t.data_type == FP16}
-    typed = {v.name for v in values} | {t.name for t in inferred.initializer}
-    untyped = [o for node in inferred.node for o in node.output if o and o not in typed]
+    typed = {v.name for v in values}
+    untyped = [name for node in inferred.node for name in node.output if name and name not in typed]
     if untyped:
         # Without a type we cannot tell whether the value needs rounding: refuse, never guess.
         raise ValueError(f"ONNX type inference left {untyped[:5]} untyped: cannot round per op")
-    return names
+    return {v.name for v in values if v.type.tensor_type.elem_type == FP16}
 
 
 def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -50,7 +57,7 @@ def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     Graph inputs, outputs and every value keep their names and fp16 types, so feeds and taps
     are unchanged. A graph without fp16 values comes back as it is.
     """
-    fp16 = _fp16_values(model)
+    fp16 = fp16_values(model)
     if not fp16:
         return model
     graph = model.graph
@@ -66,8 +73,9 @@ def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     for source in [*graph.input, *graph.initializer]:
         if source.name in fp16:
             widen(source.name)
-    for node in graph.node:
-        node = onnx.NodeProto.FromString(node.SerializeToString())
+    for original in graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
         node.input[:] = [as_fp32.get(name, name) for name in node.input]
         narrows = node.op_type == "Cast" and any(a.name == "to" and a.i == FP16 for a in node.attribute)
         rounds = []
@@ -78,8 +86,8 @@ def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes += [node, *rounds]
         for name in node.output if narrows else [r.output[0] for r in rounds]:
             widen(name)
-    rewritten = helper.make_graph(nodes, graph.name, graph.input, graph.output, graph.initializer)
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    result.graph.CopyFrom(rewritten)
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
     return result
