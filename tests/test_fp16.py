@@ -73,6 +73,17 @@ def test_rounding_agrees_with_onnx_reference_evaluator(reference_model, componen
         np.testing.assert_array_equal(actual[output.name], expected, err_msg=output.name)
 
 
+def test_an_onnxruntime_that_folds_the_rounding_away_is_refused():
+    assert OnnxBackend.fp16_rounding_gap() is None
+    folding = OnnxBackend.session_options()
+    folding.add_session_config_entry("optimization.enable_cast_chain_elimination", "1")
+    assert "cannot compute fp16 per op" in onnx_fp16.rounding_gap(folding)
+    with mock.patch.object(OnnxBackend, "fp16_rounding_gap", staticmethod(lambda: "it folds")):
+        with pytest.raises(RuntimeError, match="fp16 on the onnx backend: it folds"):
+            run_lowered(lambda i: {"y": i["x"] * i["x"]}, x=fp16(1.0))
+        run_lowered(lambda i: {"y": i["x"] * i["x"]}, x=torch.ones(1))  # fp32 graphs are not affected
+
+
 def _count_casts(model: onnx.ModelProto, to: int) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "Cast" and any(a.i == to for a in n.attribute))
 

@@ -14,6 +14,7 @@ shape of a test and component code sees -1 for them, as in TensorRT.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -195,6 +196,12 @@ class OnnxBackend(Backend):
         options.enable_cpu_mem_arena = False
         return options
 
+    @staticmethod
+    @functools.cache
+    def fp16_rounding_gap() -> str | None:
+        """Why this onnxruntime cannot compute fp16 per op (None if it can): never fp32 called fp16."""
+        return onnx_fp16.rounding_gap(OnnxBackend.session_options())
+
     def build(self, name, specs, graph, config, dtype) -> Engine:
         import onnxruntime
         from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -205,8 +212,11 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
+        lowered = network.to_onnx(external=weights)
         # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
-        model = onnx_fp16.round_each_op_to_fp16(network.to_onnx(external=weights))
+        model = onnx_fp16.round_each_op_to_fp16(lowered)
+        if model is not lowered and (gap := self.fp16_rounding_gap()):
+            raise RuntimeError(f"fp16 on the onnx backend: {gap}")
         options = self.session_options()
         # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
         # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
