@@ -16,6 +16,7 @@ largest of them (``largest_activation_bytes``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -33,7 +34,7 @@ from reference.inputs import CaseShape, past_names
 from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
-from . import lowering
+from . import lowering, onnx_fp16
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -246,7 +247,30 @@ class OnnxBackend(Backend):
     def description(self) -> str:
         import onnxruntime
 
-        return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU)"
+        return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU; {onnx_fp16.EXECUTION})"
+
+    @staticmethod
+    def session_options():
+        """ONNX Runtime's settings for the lowering's graphs (weights are added per engine)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # Each engine runs a handful of times: repacking every weight for faster kernels (and
+        # fusing across ops) costs more at session start than it saves.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Cast-chain elimination (opt-in) would fold the fp16 round trips of onnx_fp16 away.
+        options.add_session_config_entry("optimization.enable_cast_chain_elimination", "0")
+        # Streaming builds one engine after another: an arena would keep each one's peak
+        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
+        options.enable_cpu_mem_arena = False
+        return options
+
+    @staticmethod
+    @functools.cache
+    def fp16_rounding_gap() -> str | None:
+        """Why this onnxruntime cannot compute fp16 per op (None if it can): never fp32 called fp16."""
+        return onnx_fp16.rounding_gap(OnnxBackend.session_options())
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
         import onnxruntime
@@ -258,21 +282,20 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
-        model = network.to_onnx(external=weights)
-        options = onnxruntime.SessionOptions()
-        # Each engine runs a handful of times: repacking every weight for faster kernels (and
-        # fusing across ops) costs more at session start than it saves.
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        # Streaming builds one engine after another: an arena would keep each one's peak
-        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
-        options.enable_cpu_mem_arena = False
+        lowered = network.to_onnx(external=weights)
+        # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
+        model = onnx_fp16.round_each_op_to_fp16(lowered)
+        if model is not lowered and (gap := self.fp16_rounding_gap()):
+            raise RuntimeError(f"fp16 on the onnx backend: {gap}")
+        options = self.session_options()
         # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
         # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
         options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
                                                           for w in weights.values()])
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"), network.to_onnx)
+        # The graph that ran, so that polygraphy re-runs exactly this arithmetic.
+        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"),
+                      lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
 
 
 class TrtllmBackend(Backend):
