@@ -170,7 +170,7 @@ def _model_config(spec: str) -> DeciCoderConfig:
 
 def _check_context(tokens: int, what: str, config: DeciCoderConfig) -> None:
     if tokens > config.max_position_embeddings:
-        raise UsageError(f"{what} = {tokens} exceeds the model's {config.max_position_embeddings} positions "
+        raise UsageError(f"{what}: {tokens} tokens exceed the context of {config.max_position_embeddings} positions "
                          "(max_position_embeddings)")
 
 
@@ -288,6 +288,8 @@ def _prompt_ids(args: argparse.Namespace, config: DeciCoderConfig) -> torch.Tens
 def _load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
+    if not Path(directory).is_dir():
+        raise UsageError(f"--tokenizer {directory}: no such directory")
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
