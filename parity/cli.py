@@ -264,12 +264,12 @@ def _candidate_backend(option: str, dtype: torch.dtype) -> tuple[CandidateBacken
     return CandidateBackend(BACKENDS[selected[0]]()), why
 
 
-def _prompt_ids(args: argparse.Namespace, config: DeciCoderConfig) -> torch.Tensor:
+def _prompt_ids(args: argparse.Namespace, tokenizer, config: DeciCoderConfig) -> torch.Tensor:
     """The prompt as token ids [batch, tokens], checked against the model's vocabulary and context."""
     if args.prompt is not None:
-        if args.tokenizer is None:
+        if tokenizer is None:
             raise UsageError("--prompt needs --tokenizer DIR (a Hugging Face tokenizer directory)")
-        rows = [args.tokenizer_object.encode(args.prompt)]
+        rows = [tokenizer.encode(args.prompt)]
         if not rows[0]:
             raise UsageError(f"--prompt {args.prompt!r}: encodes to no tokens")
     else:
@@ -300,7 +300,7 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _check_phase(args)
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
     reports = {option: path for option in ("--json", "--markdown", "--plot")
-               if (path := getattr(args, option.removeprefix("--")))}
+               if (path := getattr(args, option.removeprefix("--"))) is not None}
     if len({os.path.abspath(p) for p in reports.values()}) < len(reports):
         raise UsageError(f"{', '.join(reports)}: each report needs its own path")
     for option, path in reports.items():
@@ -319,8 +319,9 @@ def _validate_generate(args: argparse.Namespace, config: DeciCoderConfig) -> Non
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature {args.temperature}: expected a positive number")
+    # Handed to generate_command, which then needs neither the tokenizer folder nor the config again.
     args.tokenizer_object = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-    args.input_ids = _prompt_ids(args, config)
+    args.input_ids = _prompt_ids(args, args.tokenizer_object, config)
 
 
 COMMAND_CHECKS = {"locate": _validate_locate, "export": _validate_export, "generate": _validate_generate,
