@@ -24,6 +24,7 @@ import transformers
 from reference import COMPONENTS, CheckpointError, ConfigError, DeciCoderConfig, load_config, load_model, resolve_dtype
 from reference.inputs import DECODE_COMPONENTS, CaseShape
 from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+from trt_layers import fast_path
 from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, Profile, TrtllmBackend
 
@@ -255,13 +256,16 @@ def _check_phase(args: argparse.Namespace) -> None:
         raise UsageError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
 
 
-def _candidate_backend(option: str, dtype: torch.dtype) -> tuple[CandidateBackend, str]:
+def _candidate_backend(option: str, dtype: torch.dtype,
+                       profile: Profile | None = None) -> tuple[CandidateBackend, str]:
+    """The candidate backend; TensorRT engines serve ``profile`` (default: the whole context)."""
     selected, why = resolve_candidates(option)
     if option == "trtllm" and (reason := skip_reason("trtllm")):
         raise UsageError(f"--backend trtllm cannot run here: {reason}")
     if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
         raise UsageError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
-    return CandidateBackend(BACKENDS[selected[0]]()), why
+    backend = TrtllmBackend(profile) if selected[0] == "trtllm" else BACKENDS[selected[0]]()
+    return CandidateBackend(backend), why
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, config: DeciCoderConfig) -> torch.Tensor:
@@ -324,8 +328,15 @@ def _validate_generate(args: argparse.Namespace, config: DeciCoderConfig) -> Non
     args.input_ids = _prompt_ids(args, args.tokenizer_object, config)
 
 
+def _validate_build(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    dtype = resolve_dtype(args.dtype)
+    _candidate_backend(args.backend, dtype)
+    # A model the fast path's attention plugin cannot build is refused here (ValueError), before anything is written.
+    args.fast_path_options = fast_path.build_options(config, dtype) if args.fast_path else None
+
+
 COMMAND_CHECKS = {"locate": _validate_locate, "export": _validate_export, "generate": _validate_generate,
-                  "build": lambda args, config: _candidate_backend(args.backend, resolve_dtype(args.dtype))}
+                  "build": _validate_build}
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -443,8 +454,9 @@ def generate_command(args: argparse.Namespace) -> int:
     from .generation import compare_generation
 
     dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype)
     ids, tokenizer = args.input_ids, args.tokenizer_object
+    batch, prompt = ids.shape  # the decode engine's cache grows to prompt + max_new_tokens - 1
+    backend, why = _candidate_backend(args.backend, dtype, Profile(batch, prompt, prompt + args.max_new_tokens - 1))
     model = load_model(args.model, dtype, args.seed)
     print(f"candidate: {backend.description} [{backend.name}: {why}], model {args.model}, {args.dtype}"
           + (f", injected bug: {args.inject}" if args.inject else ""))
@@ -470,12 +482,9 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def build_command(args: argparse.Namespace) -> int:
-    from trt_layers import fast_path
-
     dtype = resolve_dtype(args.dtype)
     backend, why = _candidate_backend(args.backend, dtype)
     model = load_model(args.model, dtype, args.seed)
-    fast_path_options = fast_path.build_options(model.config, dtype) if args.fast_path else None
     out = Path(args.out)
     start = time.perf_counter()
     with _staged(args.out) as staging:
@@ -485,7 +494,7 @@ def build_command(args: argparse.Namespace) -> int:
         if args.fast_path:
             fast_path.write_checkpoint(model, staging / "trtllm_checkpoint")
             if skip_reason("trtllm") is None:
-                fast_path.build_engine(staging / "trtllm_checkpoint", staging / "trtllm_engine")
+                fast_path.build_engine(staging / "trtllm_checkpoint", staging / "trtllm_engine", args.fast_path_options)
     print(f"{backend.description} [{backend.name}: {why}]: wrote {', '.join(str(out / n) for n in names)} "
           f"in {time.perf_counter() - start:.1f} s (outputs: logits and each layer's present K/V)")
     if args.fast_path:
@@ -495,7 +504,7 @@ def build_command(args: argparse.Namespace) -> int:
             print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {out / 'trtllm_engine'}")
         else:
             print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: "
-                  f"{fast_path.trtllm_build_command(checkpoint, out / 'trtllm_engine', fast_path_options)}")
+                  f"{fast_path.trtllm_build_command(checkpoint, out / 'trtllm_engine', args.fast_path_options)}")
     return 0
 
 
