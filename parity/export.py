@@ -34,6 +34,11 @@ from .compare import TOLERANCES, compare_taps, first_failure, tap_atol
 from .reduce_check import DIVERGED
 
 SOURCES = ("lowering", "reference")
+# Printed commands name the tools of this interpreter's environment, so they run as written without
+# an activated venv: a bare `python` or `polygraphy` on PATH may be another install, without the suite.
+PYTHON = shlex.quote(sys.executable)
+_POLYGRAPHY_HERE = Path(sys.executable).parent / "polygraphy"
+POLYGRAPHY = shlex.quote(str(_POLYGRAPHY_HERE)) if _POLYGRAPHY_HERE.exists() else "polygraphy"
 
 
 @dataclass
@@ -86,12 +91,12 @@ def _tolerance_args(outputs: dict[str, np.ndarray], dtype: torch.dtype) -> str:
 
 def _recheck_commands(model: Path, outputs: dict[str, np.ndarray], dtype: torch.dtype) -> tuple[str, str, str]:
     common = f"--load-inputs inputs.json {_tolerance_args(outputs, dtype)}"
-    onnxrt = f"polygraphy run {model.name} --onnxrt {common} --load-outputs golden.json"
-    trt = f"polygraphy run {model.name} --trt --onnxrt {common}"
+    onnxrt = f"{POLYGRAPHY} run {model.name} --onnxrt {common} --load-outputs golden.json"
+    trt = f"{POLYGRAPHY} run {model.name} --trt --onnxrt {common}"
     # debug precision builds fp16 engines from this (fp32) graph, marking layers back to fp32
     # until the engine meets the fp16 tolerances against the fp32 golden values.
-    precision = (f"polygraphy debug precision {model.name} --fp16 --precision float32 --mode bisect --dir forward "
-                 f"--load-inputs inputs.json --check polygraphy run polygraphy_debug.engine --trt "
+    precision = (f"{POLYGRAPHY} debug precision {model.name} --fp16 --precision float32 --mode bisect --dir forward "
+                 f"--load-inputs inputs.json --check {POLYGRAPHY} run polygraphy_debug.engine --trt "
                  f"--load-inputs inputs.json --load-outputs golden.json {_tolerance_args(outputs, torch.float16)}")
     return onnxrt, trt, precision
 
@@ -152,7 +157,7 @@ def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, direct
     paths.readme.write_text(_README.format(
         component=component, source=source, dtype=str(dtype).removeprefix("torch."),
         shape=f"batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len}, seed {shape.seed}",
-        onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name, faulty=faulty_note,
+        onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name, faulty=faulty_note, polygraphy=POLYGRAPHY,
         precision=precision if dtype == torch.float32 else _FP16_FROM_FP32), encoding="utf-8")
     return paths
 
@@ -173,10 +178,10 @@ def reduce_command(model: str, inputs: str, shapes: str, trusted: str) -> str:
     run at all): if not, nothing is reduced and no reduced.onnx is written.
     """
     def check(graph: str) -> str:
-        return (f"{shlex.quote(sys.executable)} -m parity.reduce_check {shlex.quote(graph)} "
+        return (f"{PYTHON} -m parity.reduce_check {shlex.quote(graph)} "
                 f"--trusted {shlex.quote(trusted)} --load-inputs {inputs}")
 
-    return (f"{check(model)} --expect-divergence && polygraphy debug reduce {shlex.quote(model)} -o reduced.onnx "
+    return (f"{check(model)} --expect-divergence && {POLYGRAPHY} debug reduce {shlex.quote(model)} -o reduced.onnx "
             f"--mode bisect --model-input-shapes {shapes} --load-inputs {inputs} --fail-code 1 "
             f"--fail-regex {shlex.quote(DIVERGED.pattern)} --check {check('polygraphy_debug.onnx')}")
 
@@ -198,7 +203,7 @@ Needs TensorRT (GPU): build the graph with TensorRT and compare it with ONNX Run
 
 Inspect:
 
-  polygraphy inspect model {model} --show layers
+  {polygraphy} inspect model {model} --show layers
 
 Reduce a failing variant of this graph to the smallest failing subgraph, each subgraph checked
 on the CPU against the values {model} computes ({faulty}):
@@ -207,7 +212,7 @@ on the CPU against the values {model} computes ({faulty}):
 
 Needs TensorRT: reduce a graph that TensorRT gets wrong by checking TensorRT against ONNX Runtime:
 
-  polygraphy debug reduce {model} -o reduced.onnx --mode bisect --check polygraphy run polygraphy_debug.onnx --trt --onnxrt
+  {polygraphy} debug reduce {model} -o reduced.onnx --mode bisect --check {polygraphy} run polygraphy_debug.onnx --trt --onnxrt
 
 Needs TensorRT: find the layers that must stay in fp32 for an fp16 engine to pass:
 

@@ -186,7 +186,9 @@ def test_printed_commands_name_this_interpreter(tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", "--component", "rmsnorm", "--out", str(out)]) == 0
     readme = (out / "README.txt").read_text()
-    assert " python -m" not in readme and f"{shlex.quote(sys.executable)} -m parity.reduce_check" in readme
+    assert "  python " not in readme and "  polygraphy " not in readme and "--check polygraphy " not in readme
+    assert f"{shlex.quote(sys.executable)} -m parity.reduce_check" in readme
+    assert f"{shlex.quote(str(Path(sys.executable).parent / 'polygraphy'))} run model.onnx --onnxrt" in readme
 
 
 def test_generate_with_an_injected_bug_names_the_first_step_out_of_tolerance(capsys):

@@ -1,6 +1,7 @@
 """The files `python -m parity export` writes, checked with polygraphy's own command-line tools.
 
-Each test runs the commands exactly as the exported README.txt prints them, in a shell.
+Each test runs the commands exactly as the exported README.txt prints them, in a shell whose PATH
+lacks this environment (no activated venv): the commands name their own interpreter and tools.
 """
 
 import os
@@ -13,17 +14,17 @@ import onnx
 import pytest
 
 from parity.cli import main as parity_main
+from parity.export import POLYGRAPHY
 from parity.reduce_check import DIVERGED
 from trt_layers.bugs import BUGS
 
-BIN = Path(sys.executable).parent  # polygraphy's entry point lives beside this interpreter
 ROOT = Path(__file__).resolve().parents[1]
+NO_VENV = os.pathsep.join(["/usr/bin", "/bin"])
 
 
-def run(command: str, cwd: Path, path: str | None = None) -> subprocess.CompletedProcess:
-    """``command`` in bash, with this checkout's suite importable; ``path`` replaces the default PATH
-    (this interpreter's bin first)."""
-    env = {**os.environ, "PATH": path or f"{BIN}{os.pathsep}{os.environ['PATH']}",
+def run(command: str, cwd: Path, path: str = NO_VENV) -> subprocess.CompletedProcess:
+    """``command`` in bash with ``path`` as PATH, and this checkout's suite importable."""
+    env = {**os.environ, "PATH": path,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -55,9 +56,9 @@ def _export(tmp_path, component, source, dtype, batch, seq, past, *extra) -> Pat
                          ids=["-".join(map(str, e)) for e in EXPORTS])
 def test_export_rechecks_clean_with_polygraphy_run_and_inspects(tmp_path, component, source, dtype, batch, seq, past):
     out = _export(tmp_path, component, source, dtype, batch, seq, past)
-    recheck = run(readme_command(out, "polygraphy run model.onnx --onnxrt"), out)
+    recheck = run(readme_command(out, f"{POLYGRAPHY} run model.onnx --onnxrt"), out)
     assert recheck.returncode == 0 and "PASSED" in recheck.stdout, recheck.stdout + recheck.stderr
-    inspect = run(readme_command(out, "polygraphy inspect model"), out)
+    inspect = run(readme_command(out, f"{POLYGRAPHY} inspect model"), out)
     assert inspect.returncode == 0, inspect.stderr
     taps = [o.name for o in onnx.load(out / "model.onnx").graph.output]
     assert all(name in inspect.stdout for name in taps)
@@ -67,7 +68,7 @@ def test_recheck_fails_on_a_buggy_port(tmp_path):
     """The printed command can fail: a port with a catalog bug does not re-check clean."""
     with BUGS["rope_interleaved"].injected():
         out = _export(tmp_path, "gqa_masked", "lowering", "fp32", 2, 7, 0)
-    recheck = run(readme_command(out, "polygraphy run model.onnx --onnxrt"), out)
+    recheck = run(readme_command(out, f"{POLYGRAPHY} run model.onnx --onnxrt"), out)
     assert recheck.returncode != 0 and "FAILED" in recheck.stdout
     assert re.search(r"FAILED \| Output: 'q_rot'", recheck.stdout)
 
@@ -94,7 +95,7 @@ def _changed_nodes(out: Path) -> set[str]:
 
 def _reduce_command(out: Path) -> str:
     command = readme_command(out, f"{sys.executable} -m parity.reduce_check faulty.onnx")
-    assert "polygraphy debug reduce faulty.onnx" in command and "reduced.onnx" in command
+    assert f"{POLYGRAPHY} debug reduce faulty.onnx" in command and "reduced.onnx" in command
     return command
 
 
@@ -121,12 +122,11 @@ def _fake_python(tmp_path: Path) -> Path:
 
 def test_debug_reduce_as_printed_localizes_an_injected_bug_without_the_venv_on_path(tmp_path):
     """README's walk-through: export --inject, then README.txt's reduce command, run as the issue's
-    user ran it: polygraphy by its path, and a ``python`` on PATH that lacks the suite. The check
-    names its interpreter, so it still runs, and reduce ends on the node the bug changed."""
+    user ran it: no venv on PATH, and a ``python`` there that lacks the suite. The command names its
+    interpreter and polygraphy, so the check runs, and reduce ends on a node the bug changed."""
     out = _export_faulty(tmp_path, BUGS["rope_interleaved"], "decoder_layer")
     changed = _changed_nodes(out)
-    command = _reduce_command(out).replace("&& polygraphy ", f"&& {BIN / 'polygraphy'} ")
-    result = run(command, out, path=f"{_fake_python(tmp_path).parent}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    result = run(_reduce_command(out), out, path=f"{_fake_python(tmp_path).parent}{os.pathsep}{NO_VENV}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert _localizes(out, changed), [n.name for n in _reduced(out).graph.node]
 
@@ -141,18 +141,21 @@ def test_debug_reduce_localizes_every_catalog_bug(tmp_path, bug):
     assert _localizes(out, changed, fraction=0.5), [n.name for n in _reduced(out).graph.node]
 
 
-def test_debug_reduce_refuses_when_polygraphy_or_the_suite_is_missing(tmp_path):
-    """A reduction whose check cannot run is never reported: no reduced.onnx, a non-zero exit."""
-    out = _export_faulty(tmp_path, BUGS["layernorms_swapped"])
-    no_venv = f"{_fake_python(tmp_path).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"
-    without_polygraphy = run(_reduce_command(out), out, path=no_venv)
-    assert without_polygraphy.returncode == 127 and _reduced(out) is None  # bash: polygraphy: command not found
+def test_debug_reduce_refuses_without_a_check_that_runs_or_a_graph_that_fails(tmp_path):
+    """reduce assumes the whole graph fails, and reads a check that cannot start as a failure; the
+    printed command asks the check first, so neither case writes a reduced.onnx."""
+    import shutil
 
+    out = _export_faulty(tmp_path, BUGS["layernorms_swapped"])
     # The folder moved to a machine whose interpreter at that path lacks the suite.
-    command = _reduce_command(out).replace(sys.executable, str(_fake_python(tmp_path)))
-    without_suite = run(command, out)
+    without_suite = run(_reduce_command(out).replace(sys.executable, str(_fake_python(tmp_path))), out)
     assert without_suite.returncode == 1 and _reduced(out) is None
     assert "ModuleNotFoundError" in without_suite.stderr and "debug reduce" not in without_suite.stdout
+
+    shutil.copy(out / "model.onnx", out / "faulty.onnx")  # nothing diverges: nothing to reduce
+    nothing_fails = run(_reduce_command(out), out)
+    assert nothing_fails.returncode == 1 and _reduced(out) is None
+    assert "nothing to reduce" in nothing_fails.stdout
 
 
 def test_reduce_check_verdicts_on_the_exported_graphs(tmp_path, capsys):
@@ -194,5 +197,5 @@ def test_external_data_models_recheck_clean(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "save_onnx", lambda model, path: original(model, path, external=True))
     out = _export(tmp_path, "decoder_layer", "lowering", "fp32", 2, 7, 0)
     assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
-    recheck = run(readme_command(out, "polygraphy run model.onnx --onnxrt"), out)
+    recheck = run(readme_command(out, f"{POLYGRAPHY} run model.onnx --onnxrt"), out)
     assert recheck.returncode == 0 and "PASSED" in recheck.stdout, recheck.stdout + recheck.stderr
