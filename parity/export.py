@@ -158,6 +158,7 @@ def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, direct
         component=component, source=source, dtype=str(dtype).removeprefix("torch."),
         shape=f"batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len}, seed {shape.seed}",
         onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name, faulty=faulty_note, polygraphy=POLYGRAPHY,
+        faulty_file="" if bug is None else f"\n  faulty.onnx  the same port with the catalog bug {bug.name} injected",
         precision=precision if dtype == torch.float32 else _FP16_FROM_FP32), encoding="utf-8")
     return paths
 
@@ -191,7 +192,7 @@ _README = """\
 
   model.onnx   the graph, every tap a named output
   inputs.json  its inputs (polygraphy data-loader JSON)
-  golden.json  the reference's taps on those inputs (polygraphy RunResults JSON)
+  golden.json  the reference's taps on those inputs (polygraphy RunResults JSON){faulty_file}
 
 Re-check on the CPU with ONNX Runtime against the golden values:
 
