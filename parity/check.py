@@ -27,8 +27,8 @@ class CandidateError(Exception):
 
 
 @contextlib.contextmanager
-def candidate_stage(what: str) -> Iterator[None]:
-    """Report any failure inside as the candidate's (``what``: "building rope_prefill", ...)."""
+def _candidate_stage(what: str) -> Iterator[None]:
+    """Report any failure inside as the candidate's, prefixed with ``what``."""
     try:
         yield
     except CandidateError:
@@ -49,12 +49,12 @@ class CandidateBackend(Backend):
         return self.backend.description
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
-        with candidate_stage(f"the candidate failed to build {name}"):
+        with _candidate_stage(f"the candidate failed to build {name}"):
             engine = self.backend.build(name, specs, graph, config, dtype)
         infer = engine.infer
 
         def checked_infer(feed):
-            with candidate_stage(f"the candidate failed to run {name}"):
+            with _candidate_stage(f"the candidate failed to run {name}"):
                 return infer(feed)
 
         engine.infer = checked_infer

@@ -101,13 +101,18 @@ def _recheck_commands(model: Path, outputs: dict[str, np.ndarray], dtype: torch.
     return onnxrt, trt, precision
 
 
+def _lowered(component: str, model: DeciCoderForCausalLM, shape: CaseShape, inputs: dict[str, torch.Tensor]):
+    """The port through the ONNX lowering at these inputs' (static) shapes; a failing build is the port's."""
+    static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    return build_candidate(component, model, CandidateBackend(OnnxBackend()), needs_decode_graph(component, shape),
+                           static_shapes)
+
+
 def _faulty_graph(component: str, model: DeciCoderForCausalLM, shape: CaseShape, inputs: dict[str, torch.Tensor],
                   golden: dict[str, np.ndarray], bug: Bug) -> onnx.ModelProto:
     """The lowering with ``bug`` injected; refused if its taps match the golden ones (nothing to reduce)."""
-    static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
     with bug.injected():
-        engine = build_candidate(component, model, CandidateBackend(OnnxBackend()),
-                                 needs_decode_graph(component, shape), static_shapes)
+        engine = _lowered(component, model, shape, inputs)
     dtype = model.lm_head.weight.dtype
     if first_failure(compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[dtype])) is None:
         raise UsageError(f"--inject {bug.name}: every tap of {component} stays within tolerance in this case, so "
@@ -131,9 +136,7 @@ def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, direct
     inputs = make_inputs(component, model.config, shape, dtype)
     golden = {name: t.detach().numpy() for name, t in run_component(component, model, inputs).items()}
     if source == "lowering":
-        static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-        graph = build_candidate(component, model, CandidateBackend(OnnxBackend()), needs_decode_graph(component, shape),
-                                static_shapes).model
+        graph = _lowered(component, model, shape, inputs).model
     else:
         graph = reference_onnx(component, model, inputs)
     faulty = None if bug is None else _faulty_graph(component, model, shape, inputs, golden, bug)
