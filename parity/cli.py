@@ -26,7 +26,7 @@ from reference.inputs import DECODE_COMPONENTS, CaseShape
 from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
 from trt_layers import fast_path
 from trt_layers.bugs import BUGS
-from trt_layers.network import BACKENDS, Profile, TrtllmBackend
+from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
@@ -264,6 +264,8 @@ def _candidate_backend(option: str, dtype: torch.dtype,
         raise UsageError(f"--backend trtllm cannot run here: {reason}")
     if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
         raise UsageError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
+    if selected[0] == "onnx" and dtype == torch.float16 and (reason := OnnxBackend.fp16_rounding_gap()):
+        raise UsageError(f"fp16 on the onnx backend: {reason}")
     backend = TrtllmBackend(profile) if selected[0] == "trtllm" else BACKENDS[selected[0]]()
     return CandidateBackend(backend), why
 
@@ -317,6 +319,8 @@ def _validate_export(args: argparse.Namespace, config: DeciCoderConfig) -> None:
                          "kernels have no bfloat16; export fp32 or fp16")
     if args.inject and args.source != "lowering":
         raise UsageError("--inject: catalog bugs are injected into trt_layers; use --source lowering")
+    if args.source == "lowering":  # the port runs on the onnx backend to be exported
+        _candidate_backend("onnx", resolve_dtype(args.dtype))
 
 
 def _validate_generate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
