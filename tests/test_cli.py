@@ -247,11 +247,13 @@ def test_plot_titles_its_verdict_and_draws_the_tolerance(tmp_path):
 
 @pytest.mark.parametrize("argv", [["locate", "--dtype", "fp16"], ["export", "--component", "rope", "--dtype", "fp16",
                                                                   "--out", "out"]], ids=["locate", "export"])
-def test_fp16_where_onnxruntime_cannot_round_per_op_is_bad_usage(capsys, monkeypatch, argv):
+def test_fp16_where_onnxruntime_cannot_round_per_op_is_bad_usage(tmp_path, capsys, monkeypatch, argv):
     """Never fp32 called fp16: an onnxruntime that folds the per-op rounding away is refused up front."""
     from trt_layers.network import OnnxBackend
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(OnnxBackend, "fp16_rounding_gap", staticmethod(lambda: "onnxruntime 1.16 folds fp16 casts"))
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("a model was built before validation"))
     assert main(argv) == 2
     assert capsys.readouterr().err == "error: fp16 on the onnx backend: onnxruntime 1.16 folds fp16 casts\n"
+    assert list(tmp_path.iterdir()) == []
