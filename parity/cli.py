@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_argument(locator)
     locator.add_argument("--phase", choices=("prefill", "decode"),
                          help="prefill (no cache) or decode (--past-len cached tokens); default follows --past-len")
-    locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG", help="inject a catalog bug into the candidate (list-bugs)")
+    locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
+                         help="inject a catalog bug into the candidate (list-bugs)")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
     generator.add_argument("--top-k", type=_non_negative, default=0,
                            help="with --temperature: sample among the top k (0: all)")
-    generator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG", help="inject a catalog bug into the engines (list-bugs)")
+    generator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
+                           help="inject a catalog bug into the engines (list-bugs)")
     generator.add_argument("--compare", action="store_true",
                            help="also decode greedily with the reference; report the first step whose logits leave "
                                 "tolerance and the first mismatching token")

@@ -47,7 +47,8 @@ class GenerationResult:
         if self.identical:
             return f"{head} identical tokens, {logits} (max logit error {self.max_logit_error:.2e})"
         return (f"{head} {logits}; tokens: first mismatch at step {self.first_mismatch}, where the reference "
-                f"preferred its token by {self.margin:.3e} logits (max logit error up to it {self.max_logit_error:.2e})")
+                f"preferred its token by {self.margin:.3e} logits (max logit error up to it "
+                f"{self.max_logit_error:.2e})")
 
 
 @torch.no_grad()

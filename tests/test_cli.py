@@ -48,7 +48,8 @@ BAD_INPUTS = [
     (["generate", "--prompt-ids", "1", "--max-new-tokens", "300"], "prompt + --max-new-tokens: 301 tokens exceed"),
     (["generate", "--prompt", "", "--tokenizer", "{tokenizer}"], "--prompt '': encodes to no tokens"),
     (["generate", "--prompt", "def f():"], "--prompt needs --tokenizer"),
-    (["generate", "--prompt-ids", "1", "--tokenizer", "{tmp}/no_tokenizer"], "--tokenizer {tmp}/no_tokenizer: no such directory"),
+    (["generate", "--prompt-ids", "1", "--tokenizer", "{tmp}/no_tokenizer"],
+     "--tokenizer {tmp}/no_tokenizer: no such directory"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "--prompt-ids", "1,2;3"], "same, non-zero number of tokens"),
     (["generate", "--prompt-ids", "1,99999"], "token ids must lie in [0, 512)"),
@@ -140,7 +141,8 @@ def test_a_port_that_fails_to_build_diverges_and_is_reported(tmp_path, capsys, p
     assert "[512, 32, 32]" in markdown.read_text() and plot.stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv", [["build", "--out", "{out}"], ["export", "--component", "decoder_layer", "--out", "{out}"],
+@pytest.mark.parametrize("argv", [["build", "--out", "{out}"],
+                                  ["export", "--component", "decoder_layer", "--out", "{out}"],
                                   ["generate", "--prompt-ids", "1,2,3"]], ids=["build", "export", "generate"])
 def test_a_port_that_fails_to_build_exits_1_and_leaves_nothing(tmp_path, capsys, port_with_32_heads, argv):
     out = tmp_path / "new" / "engines"

@@ -176,8 +176,8 @@ def test_reduce_check_verdicts_on_the_exported_graphs(tmp_path, capsys):
     assert status == 1 and DIVERGED.search(printed), printed
     assert check("faulty.onnx", "--expect-divergence")[0] == 0
     assert check("model.onnx", "--expect-divergence")[0] == 1
-    command = f"{_fake_python(tmp_path)} -m parity.reduce_check faulty.onnx --trusted model.onnx --load-inputs inputs.json"
-    cannot_start = run(command, out)
+    cannot_start = run(f"{_fake_python(tmp_path)} -m parity.reduce_check faulty.onnx --trusted model.onnx "
+                       "--load-inputs inputs.json", out)
     assert cannot_start.returncode == 1 and not DIVERGED.search(cannot_start.stdout + cannot_start.stderr)
 
 
