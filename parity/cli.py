@@ -11,11 +11,9 @@ import sys
 import time
 
 import torch
-import transformers
 
 from reference import COMPONENTS, CheckpointError, ConfigError, load_model, resolve_dtype
 from reference.inputs import CaseShape
-from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
 from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, Profile, TrtllmBackend
 
@@ -108,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
-    report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
+    report.add_argument("--component", choices=COMPONENTS, action="append",
                         help="component to check (repeatable; default: all)")
     _add_case_arguments(report, past_len=5)
 
@@ -127,6 +125,10 @@ def _shape(args: argparse.Namespace) -> CaseShape:
 
 
 def report(args: argparse.Namespace) -> int:
+    import transformers  # only here: importing it costs seconds every other command does not need
+
+    from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+
     dtype = resolve_dtype(args.dtype)
     model = load_model(args.model, dtype, args.seed)
     llama = llama_from_reference(model)
