@@ -24,7 +24,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-
 from pathlib import Path
 
 import torch
@@ -121,6 +120,8 @@ def model_config(spec: str, kv_heads: int | None = None) -> DeciCoderConfig:
     ``kv_heads`` lays out a preset's attention: its head count (MHA), a divisor of it (GQA), 1 (MQA).
     """
     if spec not in PRESETS:
+        if not Path(spec).is_dir():
+            raise ValueError(f"--model {spec}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
         if kv_heads is not None:
             raise ValueError("--kv-heads lays out a preset's random weights; a checkpoint keeps its own layout")
         return DeciCoderConfig.from_json_file(Path(spec) / "config.json")
@@ -193,7 +194,6 @@ def summary(checks: list[Check], reports: list[LocateReport], dtype: str) -> str
         lines.append(f"DIVERGED: {len(failed)} of {len(checks)} checks; first: {first_check.label} "
                      f"{first_report.verdict().removeprefix('FAIL ')}")
     return "\n".join(lines)
-
 
 
 def _bug_context(bug: Bug | None):

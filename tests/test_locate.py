@@ -80,7 +80,7 @@ def test_decode_streams_with_the_cache(capsys):
     (["--component", "gqa_masked", "--past-len", "3"], "gqa_masked is the prefill path"),
     (["--dtype", "bf16"], "bfloat16"),
     (["--json", "report.json"], "--json, --markdown and --plot report one check: add --component"),
-    (["--model", "some/checkpoint", "--kv-heads", "2"], "--kv-heads lays out a preset's random weights"),
+    (["--model", "no/such/dir"], "--model no/such/dir: neither a preset (decicoder-1b, tiny, tiny-variant) nor"),
 ])
 def test_bad_usage_exits_2(capsys, argv, message):
     assert main(["locate", *argv]) == 2
@@ -132,6 +132,12 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as exit_:
         main(["locate", "--inject", "no_such_bug"])
     assert exit_.value.code == 2
+
+
+def test_kv_heads_of_a_checkpoint_exits_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["locate", "--model", str(tmp_path), "--kv-heads", "2"]) == 2
+    assert "--kv-heads lays out a preset's random weights" in capsys.readouterr().err
 
 
 def test_broken_checkpoint_exits_2(tmp_path, capsys, tiny_model):

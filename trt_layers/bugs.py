@@ -149,8 +149,8 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         Shows(("rope", "gqa_unmasked", *_LAYER), min_past_len=1), _DECODE),
     Bug("repeat_kv_tiled", "KV heads tiled (0,1,0,1) instead of each repeated in place (0,0,1,1)",
         "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep", Shows(_REPEAT_KV, grouped_kv=True)),
-    # Decode inside the model runs the causal mask too (Llama's decode mask), so only prefill
-    # and several new tokens after a cache can tell it missing.
+    # causal_mask builds every mask that masks something: prefill's, and inside a layer Llama's
+    # decode mask over several new tokens; the bare decode attention (gqa_unmasked) runs none.
     Bug("causal_mask_missing", "prefill attention without the causal mask",
         "trt_layers.modeling:causal_mask", _no_causal_mask, "gqa_masked", "probs",
         Shows(("gqa_masked", *_LAYER), min_seq_len=2)),
