@@ -50,6 +50,24 @@ def test_default_locate_catches_each_catalog_bug_at_its_tap(capsys, bug):
     assert set(failed) == {c.label for c in SUITE if bug.shows.allows(c.component, c.shape, tiny)}, out
 
 
+def _rmsnorm_squaring_in_fp16(x, weights, name, config, dtype):
+    """A port's RMSNorm without the fp32 upcast: x * x overflows fp16 once |x| > 256."""
+    from trt_layers.modeling import param
+
+    variance = (x * x).mean(-1, keepdim=True)
+    return x / (variance + config.rms_norm_eps).sqrt() * param(weights, name, dtype)
+
+
+def test_whole_model_inputs_hold_rows_where_eps_and_fp16_range_matter(capsys, monkeypatch):
+    """Both pass without reference.inputs.SCALED_TOKENS: random weights keep hidden states near RMS 1."""
+    from trt_layers import modeling
+
+    assert main(["locate", "--component", "causal_lm", "--inject", "rmsnorm_default_eps"]) == 1
+    monkeypatch.setattr(modeling, "rmsnorm", _rmsnorm_squaring_in_fp16)
+    assert main(["locate", "--component", "causal_lm", "--dtype", "fp16"]) == 1
+    assert capsys.readouterr().out.count("DIVERGED: first diverging tap layer_0.present_k") == 2
+
+
 @pytest.mark.parametrize("bug", BUGS.values(), ids=list(BUGS))
 def test_each_catalog_bug_is_localized(capsys, bug):
     status, out = locate(capsys, "--component", bug.component, "--inject", bug.name,
