@@ -41,7 +41,8 @@ def _non_negative(text: str) -> int:
 
 
 def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int | None) -> None:
-    parser.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    parser.add_argument("--model", default="tiny",
+                        help="preset (tiny, tiny-variant, decicoder-1b) or a Hugging Face checkpoint dir")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--batch", type=_positive, default=2)
     parser.add_argument("--seq-len", type=_positive, default=7)
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     locator.add_argument("--phase", choices=("prefill", "decode"),
                          help="prefill (no cache) or decode (--past-len cached tokens) checks only; default: both, "
                               "or with --component, decode if --past-len > 0")
-    locator.add_argument("--kv-heads", type=_positive,
+    locator.add_argument("--kv-heads", type=_positive, metavar="N",
                          help="a preset's KV heads: its head count (MHA), a divisor (GQA), 1 (MQA); "
                               "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), help="inject a catalog bug into the candidate (list-bugs)")
