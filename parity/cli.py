@@ -11,18 +11,16 @@ import sys
 import time
 
 import torch
-import transformers
 
 from reference import COMPONENTS, CheckpointError, ConfigError, load_model, resolve_dtype
-from reference.inputs import DECODE_COMPONENTS, CaseShape
-from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+from reference.inputs import CaseShape
 from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, Profile, TrtllmBackend
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
-from .locate import locate
+from .locate import load_model_as, locate, model_config, plan_checks, refuse_unshowable, summary
 from .report import write_json, write_markdown, write_plot
 
 USAGE_ERROR = 2
@@ -42,13 +40,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int) -> None:
-    parser.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int | None) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="preset (tiny, tiny-variant, decicoder-1b) or a Hugging Face checkpoint dir")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--batch", type=_positive, default=2)
     parser.add_argument("--seq-len", type=_positive, default=7)
     parser.add_argument("--past-len", type=_non_negative, default=past_len,
-                        help="cached tokens (decode); components without a cache ignore it")
+                        help="cached tokens (decode; default: 5 in locate's decode checks); components without a "
+                             "cache ignore it")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -58,17 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     locator = commands.add_parser(
         "locate", help="run golden and candidate, compare every tap in order, name the first that diverges")
-    locator.add_argument("--component", choices=COMPONENTS, default="causal_lm")
+    locator.add_argument("--component", choices=COMPONENTS,
+                         help="check this component alone (default: every component, then the whole model, "
+                              "in prefill and in decode)")
     locator.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto",
                          help="candidate: onnx (the ONNX lowering), trtllm (TensorRT-LLM engines); "
                               "auto = trtllm where it can run, else onnx")
     locator.add_argument("--phase", choices=("prefill", "decode"),
-                         help="prefill (no cache) or decode (--past-len cached tokens); default follows --past-len")
+                         help="prefill (no cache) or decode (--past-len cached tokens) checks only; default: both, "
+                              "or with --component, decode if --past-len > 0")
+    locator.add_argument("--kv-heads", type=_positive, metavar="N",
+                         help="a preset's KV heads: its head count (MHA), a divisor (GQA), 1 (MQA); "
+                              "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), help="inject a catalog bug into the candidate (list-bugs)")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
-    _add_case_arguments(locator, past_len=0)
+    _add_case_arguments(locator, past_len=None)
 
     commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
 
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
-    report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
+    report.add_argument("--component", choices=COMPONENTS, action="append",
                         help="component to check (repeatable; default: all)")
     _add_case_arguments(report, past_len=5)
 
@@ -120,6 +126,10 @@ def _shape(args: argparse.Namespace) -> CaseShape:
 
 
 def report(args: argparse.Namespace) -> int:
+    import transformers  # only here: importing it costs seconds every other command does not need
+
+    from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+
     dtype = resolve_dtype(args.dtype)
     model = load_model(args.model, dtype, args.seed)
     llama = llama_from_reference(model)
@@ -152,22 +162,6 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_phase(args: argparse.Namespace) -> None:
-    """--phase against --past-len: decode graphs read a cache (rope only offsets its positions)."""
-    component, past = args.component, args.past_len
-    if args.phase == "decode" and component not in DECODE_COMPONENTS:
-        raise ValueError(f"{component} has no decode graph; decode components: {', '.join(DECODE_COMPONENTS)}")
-    if args.phase == "prefill" and component == "gqa_unmasked":
-        raise ValueError("gqa_unmasked is the decode path; use gqa_masked for prefill")
-    if component in ("decoder_layer", "causal_lm"):
-        if args.phase == "prefill" and past > 0:
-            raise ValueError(f"prefill has no cache: --past-len must be 0 (got {past})")
-        if args.phase == "decode" and past == 0:
-            raise ValueError("--phase decode needs cached tokens: give --past-len N (N >= 1)")
-    if component == "gqa_masked" and past > 0:
-        raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
-
-
 def _candidate_backend(option: str, dtype: torch.dtype, profile: Profile | None = None):
     """The candidate backend; TensorRT engines serve ``profile`` (default: the whole context)."""
     selected, why = resolve_candidates(option)
@@ -183,39 +177,35 @@ def _progress(message: str) -> None:
 
 
 def locate_command(args: argparse.Namespace) -> int:
-    _check_phase(args)
-    dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype, Profile.of(_shape(args)))
+    checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
+    if len(checks) > 1 and (args.json or args.markdown or args.plot):
+        raise ValueError("--json, --markdown and --plot report one check: add --component")
+    config = model_config(args.model, args.kv_heads)
     bug = BUGS[args.inject] if args.inject else None
+    if bug:
+        refuse_unshowable(bug, checks, config)
+    dtype = resolve_dtype(args.dtype)
+    profile = Profile(args.batch, args.seq_len, max(check.shape.past_len for check in checks))  # the largest case
+    backend, why = _candidate_backend(args.backend, dtype, profile)
     started = time.perf_counter()
-    model = load_model(args.model, dtype, args.seed)
-    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
+    model = load_model_as(args.model, config, dtype, args.seed)
+    layout = f" ({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads)" if args.kv_heads else ""
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}{layout}, {args.dtype}")
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
-    print(f"tolerance: atol {tolerance.atol:g} x max(1, |tap|), rtol {tolerance.rtol:g} ({tolerance.why})\n")
-    report = locate(args.component, model, backend, _shape(args), bug, progress=_progress)
-    print(report.check.table())
-    if report.outputs_only is not None:
-        shipped = first_failure(report.outputs_only)
-        print(f"\nreal outputs alone (no taps marked): {'pass' if shipped is None else f'FAIL at {shipped.name}'}")
-    for note in report.notes:
-        print(f"note: {note}")
+    print(f"tolerance: atol {tolerance.atol:g} x max(1, |tap|), rtol {tolerance.rtol:g} ({tolerance.why})")
+    reports = []
+    for check in checks:
+        reports.append(locate(check.component, model, backend, check.shape, bug, progress=_progress))
+        print(f"\n{reports[-1].text()}")
     if args.json:
-        write_json(report, args.model, args.json)
+        write_json(reports[0], args.model, args.json)
     if args.markdown:
-        write_markdown(report, args.model, args.markdown)
+        write_markdown(reports[0], args.model, args.markdown)
     if args.plot:
-        write_plot(report, args.plot)
-    elapsed = time.perf_counter() - started
-    first = report.first_failure
-    if report.exit_code == 0:
-        print(f"\nPASSED: {len(report.check.results)} taps of {args.component} within {args.dtype} tolerance "
-              f"({elapsed:.1f} s)")
-    else:
-        where = first.name if first else "the real outputs"
-        print(f"\nDIVERGED: first diverging tap {where}" + (f" (max abs {first.max_abs:.3e}, cosine "
-              f"{first.cosine:.6f})" if first else "") + f" ({elapsed:.1f} s)")
-    return report.exit_code
+        write_plot(reports[0], args.plot)
+    print(f"\n{summary(checks, reports, args.dtype)} ({time.perf_counter() - started:.1f} s)")
+    return max(report.exit_code for report in reports)
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> torch.Tensor:
@@ -307,6 +297,7 @@ def build_command(args: argparse.Namespace) -> int:
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
+        print(f"{'':<24} shows in {bug.shows.describe()}")
     return 0
 
 
