@@ -48,6 +48,7 @@ def test_causal_lm_loads_transformers_checkpoint(tmp_path, tiny_config, layout):
     llama = _hf_llama(config)
     llama.save_pretrained(tmp_path)
     model = DeciCoderForCausalLM.from_pretrained(tmp_path)
+    assert model.config.rope_theta == theta  # llama_config passed it in this transformers' spelling
 
     ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
