@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import transformers
 
-from reference import COMPONENTS, CheckpointError, ConfigError, DeciCoderConfig, load_config, load_model, resolve_dtype
-from reference.inputs import DECODE_COMPONENTS, CaseShape
-from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+from reference import COMPONENTS, PRESETS, CheckpointError, ConfigError, DeciCoderConfig, load_model, resolve_dtype
+from reference.inputs import CaseShape
 from trt_layers import fast_path
 from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend
@@ -32,7 +30,7 @@ from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
-from .locate import LocateReport, locate
+from .locate import LocateReport, load_model_as, locate, model_config, plan_checks, refuse_unshowable, summary
 from .report import write_json, write_markdown, write_plot
 
 DIVERGED, USAGE_ERROR = 1, 2
@@ -74,17 +72,18 @@ _seed = _integer(0, f"an integer in [0, {MAX_SEED}]")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
+    parser.add_argument("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint dir")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations")
     parser.add_argument("--seed", type=_seed, default=0, help="random weights (presets) and inputs")
 
 
-def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int) -> None:
+def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int | None) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--batch", type=_positive, default=2, help="sequences per batch")
     parser.add_argument("--seq-len", type=_positive, default=7, help="new tokens per sequence")
     parser.add_argument("--past-len", type=_non_negative, default=past_len,
-                        help="cached tokens (decode); components without a cache ignore it")
+                        help="cached tokens (decode; default: 5 in locate's decode checks); components without a "
+                             "cache ignore it")
 
 
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -104,16 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     locator = commands.add_parser(
         "locate", help="run golden and candidate, compare every tap in order, name the first that diverges")
-    locator.add_argument("--component", choices=COMPONENTS, default="causal_lm", help="what to check")
+    locator.add_argument("--component", choices=COMPONENTS,
+                         help="check this component alone (default: every component, then the whole model, "
+                              "in prefill and in decode)")
     _add_backend_argument(locator)
     locator.add_argument("--phase", choices=("prefill", "decode"),
-                         help="prefill (no cache) or decode (--past-len cached tokens); default follows --past-len")
+                         help="prefill (no cache) or decode (--past-len cached tokens) checks only; default: both, "
+                              "or with --component, decode if --past-len > 0")
+    locator.add_argument("--kv-heads", type=_positive, metavar="N",
+                         help="a preset's KV heads: its head count (MHA), a divisor (GQA), 1 (MQA); "
+                              "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
                          help="inject a catalog bug into the candidate (list-bugs)")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
-    _add_case_arguments(locator, past_len=0)
+    _add_case_arguments(locator, past_len=None)
 
     commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
 
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
-    report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
+    report.add_argument("--component", choices=COMPONENTS, action="append",
                         help="component to check (repeatable; default: all)")
     _add_case_arguments(report, past_len=5)
 
@@ -163,13 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- validation: every check that needs no model, before any is built ---------------------------------
-
-def _model_config(spec: str) -> DeciCoderConfig:
-    try:
-        return load_config(spec)
-    except (ConfigError, CheckpointError) as e:
-        raise UsageError(f"--model: {e}") from None
-
 
 def _check_context(tokens: int, what: str, config: DeciCoderConfig) -> None:
     if tokens > config.max_position_embeddings:
@@ -242,22 +240,6 @@ def _staged(path: str) -> Iterator[Path]:
     shutil.move(staging, out)
 
 
-def _check_phase(args: argparse.Namespace) -> None:
-    """--phase against --past-len: decode graphs read a cache (rope only offsets its positions)."""
-    component, past = args.component, args.past_len
-    if args.phase == "decode" and component not in DECODE_COMPONENTS:
-        raise UsageError(f"{component} has no decode graph; decode components: {', '.join(DECODE_COMPONENTS)}")
-    if args.phase == "prefill" and component == "gqa_unmasked":
-        raise UsageError("gqa_unmasked is the decode path; use gqa_masked for prefill")
-    if component in ("decoder_layer", "causal_lm"):
-        if args.phase == "prefill" and past > 0:
-            raise UsageError(f"prefill has no cache: --past-len must be 0 (got {past})")
-        if args.phase == "decode" and past == 0:
-            raise UsageError("--phase decode needs cached tokens: give --past-len N (N >= 1)")
-    if component == "gqa_masked" and past > 0:
-        raise UsageError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
-
-
 def _candidate_backend(option: str, dtype: torch.dtype,
                        profile: Profile | None = None) -> tuple[CandidateBackend, str]:
     """The candidate backend; TensorRT engines serve ``profile`` (default: the whole context)."""
@@ -305,10 +287,16 @@ def _load_tokenizer(directory: str):
 
 
 def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
-    _check_phase(args)
+    # Handed to locate_command: the checks to run (phases and cache lengths checked).
+    args.checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
+    _check_context(args.seq_len + max(check.shape.past_len for check in args.checks), "--past-len + --seq-len", config)
+    if args.inject:
+        refuse_unshowable(BUGS[args.inject], args.checks, config)
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
     reports = {option: path for option in ("--json", "--markdown", "--plot")
                if (path := getattr(args, option.removeprefix("--"))) is not None}
+    if reports and len(args.checks) > 1:
+        raise UsageError("--json, --markdown and --plot report one check: add --component")
     if len({os.path.abspath(p) for p in reports.values()}) < len(reports):
         raise UsageError(f"{', '.join(reports)}: each report needs its own path")
     for option, path in reports.items():
@@ -347,11 +335,12 @@ COMMAND_CHECKS = {"locate": _validate_locate, "export": _validate_export, "gener
 
 def validate(args: argparse.Namespace) -> None:
     """Check every argument and output path against the model's config (not its weights); raises
-    UsageError naming the argument. Nothing is built or written."""
+    ValueError (UsageError, ConfigError, ...) naming the argument. Nothing is built or written."""
     if "model" not in args:
         return
-    config = _model_config(args.model)
-    if "seq_len" in args:
+    # Handed to the command: the config --model names, with --kv-heads' layout.
+    args.config = config = model_config(args.model, getattr(args, "kv_heads", None))
+    if "seq_len" in args and args.command != "locate":  # locate plans its cache lengths: _validate_locate
         _check_context(args.past_len + args.seq_len, "--past-len + --seq-len", config)
     if "out" in args:
         _check_output_dir(args.out, args.force)
@@ -366,6 +355,10 @@ def _shape(args: argparse.Namespace) -> CaseShape:
 
 
 def report(args: argparse.Namespace) -> int:
+    import transformers  # only here: importing it costs seconds every other command does not need
+
+    from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+
     dtype = resolve_dtype(args.dtype)
     model = load_model(args.model, dtype, args.seed)
     llama = llama_from_reference(model)
@@ -404,47 +397,42 @@ def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
+def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
+    """One planned check; a candidate that fails to build or run is that check's divergence."""
+    try:
+        return locate(check.component, model, backend, check.shape, bug, progress=_progress)
+    except CandidateError as failure:
+        return LocateReport(CheckResult.candidate_failed(check.component, backend.description, model.lm_head.weight.dtype,
+                                                         check.shape, num_layers, failure),
+                            bug=bug.name if bug else None)
+
+
 def locate_command(args: argparse.Namespace) -> int:
-    dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype, Profile.of(_shape(args)))
+    checks, config = args.checks, args.config
     bug = BUGS[args.inject] if args.inject else None
+    dtype = resolve_dtype(args.dtype)
+    profile = Profile(args.batch, args.seq_len, max(check.shape.past_len for check in checks))  # the largest case
+    backend, why = _candidate_backend(args.backend, dtype, profile)
     started = time.perf_counter()
-    model = load_model(args.model, dtype, args.seed)
-    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
+    model = load_model_as(args.model, config, dtype, args.seed)
+    layout = f" ({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads)" if args.kv_heads else ""
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}{layout}, {args.dtype}")
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |tap|) or <= rtol "
-          f"{tolerance.rtol:g} x |golden| ({tolerance.why})\n")
-    try:
-        report = locate(args.component, model, backend, _shape(args), bug, progress=_progress)
-    except CandidateError as failure:  # the port's divergence: reported like any other
-        check = CheckResult.candidate_failed(args.component, backend.description, dtype, _shape(args),
-                                             model.config.num_hidden_layers, failure)
-        report = LocateReport(check, bug=bug.name if bug else None)
-    print(report.check.table())
-    if report.outputs_only is not None:
-        shipped = first_failure(report.outputs_only)
-        print(f"\nreal outputs alone (no taps marked): {'pass' if shipped is None else f'FAIL at {shipped.name}'}")
-    for note in report.notes:
-        print(f"note: {note}")
+          f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
+    reports = []
+    for check in checks:
+        reports.append(_locate(check, model, backend, bug, config.num_hidden_layers))
+        print(f"\n{reports[-1].text()}")
     if args.json:
-        write_json(report, args.model, args.json)
+        write_json(reports[0], args.model, args.json)
     if args.markdown:
-        write_markdown(report, args.model, args.markdown)
+        write_markdown(reports[0], args.model, args.markdown)
     if args.plot:
-        write_plot(report, args.model, args.plot)
-    elapsed = time.perf_counter() - started
-    first = report.first_failure
-    if report.exit_code == 0:
-        print(f"\nPASSED: {len(report.check.results)} taps of {args.component} within {args.dtype} tolerance "
-              f"({elapsed:.1f} s)")
-    elif report.check.error is not None:
-        print(f"\nDIVERGED: {args.component}: {report.check.error} ({elapsed:.1f} s)")
-    else:
-        where = first.name if first else "the real outputs"
-        print(f"\nDIVERGED: first diverging tap {where}" + (f" (max abs {first.max_abs:.3e}, cosine "
-              f"{first.cosine:.6f})" if first else "") + f" ({elapsed:.1f} s)")
-    return report.exit_code
+        write_plot(reports[0], args.model, args.plot)
+    print(f"\n{summary(checks, reports, args.dtype)} ({time.perf_counter() - started:.1f} s)")
+    return max(report.exit_code for report in reports)
 
 
 def _build_engines(model, dtype: torch.dtype, backend, bug_name: str | None):
@@ -517,6 +505,7 @@ def build_command(args: argparse.Namespace) -> int:
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
+        print(f"{'':<24} shows in {bug.shows.describe()}")
     return 0
 
 

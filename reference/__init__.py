@@ -2,7 +2,6 @@
 
 from .checkpoint import (
     CheckpointError,
-    load_config,
     load_model,
     load_pretrained,
     resolve_dtype,
@@ -27,5 +26,5 @@ __all__ = [
     "COMPONENTS", "COMPONENT_TAPS", "PRESETS", "CheckpointError", "ConfigError", "DeciCoderAttention",
     "DeciCoderConfig", "DeciCoderDecoderLayer", "DeciCoderForCausalLM", "DeciCoderMLP", "DeciCoderRMSNorm",
     "DeciCoderRotaryEmbedding", "apply_rotary_pos_emb", "capture_taps", "component_taps", "empty_model",
-    "load_config", "load_model", "load_pretrained", "random_model", "repeat_kv", "resolve_dtype", "save_pretrained",
+    "load_model", "load_pretrained", "random_model", "repeat_kv", "resolve_dtype", "save_pretrained",
 ]

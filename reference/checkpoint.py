@@ -117,19 +117,15 @@ def _iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, object]]:
         yield name, file, opened[file]
 
 
-def _checkpoint_config(directory: Path) -> DeciCoderConfig:
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a checkpoint directory (expected config.json and weights inside)")
-    try:
-        return DeciCoderConfig.from_json_file(directory / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-
-
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> DeciCoderForCausalLM:
     dtype = resolve_dtype(dtype)
     directory = Path(path)
-    config = _checkpoint_config(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a checkpoint directory (expected config.json and weights inside)")
+    try:
+        config = DeciCoderConfig.from_json_file(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     model = empty_model(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     files = weight_files(directory)
@@ -169,11 +165,6 @@ def save_pretrained(model: DeciCoderForCausalLM, path: str | os.PathLike) -> Non
     state = {name: p.detach().contiguous() for name, p in model.named_parameters()}  # tied head appears once
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def load_config(spec: str) -> DeciCoderConfig:
-    """The config of a preset name or checkpoint directory, as ``load_model`` reads it; no weights are read."""
-    return DeciCoderConfig.from_preset(spec) if spec in PRESETS else _checkpoint_config(Path(spec))
 
 
 def load_model(spec: str, dtype: torch.dtype | str = torch.float32, seed: int = 0) -> DeciCoderForCausalLM:

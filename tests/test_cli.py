@@ -2,6 +2,7 @@
 or input), validation before any model is built, and the reports."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +17,28 @@ from parity.cli import main
 # {tmp} is a scratch folder, {file} a file in it, {full} a folder holding a file, {bad_model} a
 # checkpoint folder whose config.json is not JSON, {tokenizer} a Hugging Face tokenizer folder.
 BAD_INPUTS = [
-    (["locate", "--seq-len", "257"], "--past-len + --seq-len: 257 tokens exceed the context of 256 positions"),
-    (["locate", "--past-len", "252", "--seq-len", "7"], "--past-len + --seq-len: 259 tokens"),
-    (["locate", "--seq-len", "100000"], "100000 tokens exceed"),
+    (["locate", "--seq-len", "257"], "tokens exceed the context of 256 positions"),
+    (["locate", "--component", "rope", "--seq-len", "257"], "--past-len + --seq-len: 257 tokens exceed the context"),
+    (["locate", "--component", "causal_lm", "--past-len", "252", "--seq-len", "7"], "--past-len + --seq-len: 259 tokens"),
+    (["locate", "--seq-len", "100000"], "100005 tokens exceed"),  # decode checks cache 5 tokens
     (["locate", "--component", "mlp", "--seq-len", "300"], "300 tokens exceed the context of 256 positions"),
     (["locate", "--component", "gqa_unmasked", "--past-len", "250", "--seq-len", "7"], "257 tokens exceed"),
-    (["locate", "--json", "{tmp}/missing/report.json"], "--json {tmp}/missing/report.json: no directory"),
-    (["locate", "--json", "/proc/report.json"], "--json /proc/report.json: cannot write"),
-    (["locate", "--markdown", "{tmp}"], "--markdown {tmp}: is a directory"),
-    (["locate", "--plot", "{tmp}/errors.pdf"], "--plot {tmp}/errors.pdf: expected a .png file"),
-    (["locate", "--json", "{tmp}/r", "--markdown", "{tmp}/r"], "each report needs its own path"),
+    (["locate", "--component", "rope", "--json", "{tmp}/missing/report.json"],
+     "--json {tmp}/missing/report.json: no directory"),
+    (["locate", "--component", "rope", "--json", "/proc/report.json"], "--json /proc/report.json: cannot write"),
+    (["locate", "--component", "rope", "--markdown", "{tmp}"], "--markdown {tmp}: is a directory"),
+    (["locate", "--component", "rope", "--plot", "{tmp}/errors.pdf"], "--plot {tmp}/errors.pdf: expected a .png"),
+    (["locate", "--component", "rope", "--json", "{tmp}/r", "--markdown", "{tmp}/r"], "each report needs its own path"),
+    (["locate", "--json", "{tmp}/r.json"], "--json, --markdown and --plot report one check: add --component"),
     (["locate", "--component", "mlp", "--phase", "decode"], "mlp has no decode graph"),
-    (["locate", "--component", "causal_lm", "--phase", "decode"], "--phase decode needs cached tokens"),
+    (["locate", "--component", "causal_lm", "--phase", "decode", "--past-len", "0"], "decode needs cached tokens"),
+    (["locate", "--component", "rmsnorm", "--inject", "rope_interleaved"], "--inject rope_interleaved cannot show"),
+    (["locate", "--kv-heads", "3"], "--kv-heads 3 must divide the 8 attention heads"),
     (["locate", "--dtype", "bf16"], "bfloat16"),
     (["locate", "--batch", "0"], "--batch: expected a positive integer, got '0'"),
     (["locate", "--seed", "-1"], "--seed: expected an integer"),
     (["locate", "--inject", "no_such_bug"], "--inject: invalid choice"),
-    (["locate", "--model", "{tmp}/no_checkpoint"], "--model: {tmp}/no_checkpoint: not a checkpoint directory"),
+    (["locate", "--model", "{tmp}/no_checkpoint"], "--model {tmp}/no_checkpoint: neither a preset"),
     (["locate", "--model", "{bad_model}"], "config.json: not valid JSON"),
     (["export", "--component", "rmsnorm", "--out", "{file}"], "--out {file}: is a file"),
     (["export", "--component", "rmsnorm", "--out", "{full}"], "--out {full}: folder is not empty"),
@@ -92,7 +98,8 @@ def test_bad_usage_exits_2_with_one_line_before_any_model_is_built(tmp_path, cap
     paths = {"tmp": tmp_path, "file": tmp_path / "file", "full": tmp_path / "full",
              "bad_model": tmp_path / "bad_model", "tokenizer": tokenizer_dir}
     before = _snapshot(tmp_path)
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("a model was built before validation"))
+    for loader in ("load_model", "load_model_as"):
+        monkeypatch.setattr(cli, loader, lambda *a, **k: pytest.fail("a model was built before validation"))
     try:
         status = main([arg.format(**paths) for arg in argv])
     except SystemExit as e:  # argparse's own errors
@@ -134,7 +141,7 @@ def test_a_port_that_fails_to_build_diverges_and_is_reported(tmp_path, capsys, p
                    "--plot", str(plot)])
     out = capsys.readouterr().out
     assert status == 1
-    assert f"DIVERGED: {component}: the candidate failed to build" in out
+    assert re.search(f"DIVERGED: {component}( prefill)?: the candidate failed to build", out), out
     assert "split: sections [512, 32, 32] do not sum to 192" in out
     written = json.loads(report.read_text())
     assert not written["passed"] and "[512, 32, 32]" in written["candidate_error"]
@@ -209,7 +216,7 @@ def test_help_shows_defaults(capsys):
         main(["locate", "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    assert "(default: causal_lm)" in out and "(default: tiny)" in out and "(default: 0)" in out
+    assert "(default: auto)" in out and "(default: tiny)" in out and "(default: 0)" in out
 
 
 def test_tolerance_is_absolute_or_relative_per_element():

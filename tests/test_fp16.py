@@ -62,7 +62,7 @@ def test_each_op_rounds_to_fp16():
 def test_rounding_agrees_with_onnx_reference_evaluator(reference_model, component):
     """onnx.reference evaluates the lowering's own fp16 graph in numpy, whose fp16 ops each round:
     every tap agrees bit for bit. (Not the MLP: onnx.reference's fp16 sigmoid has fp16 intermediates.)"""
-    model = reference_model(2, torch.float16)
+    model = reference_model("kvheads2", torch.float16)
     decode = component == "gqa_unmasked"
     engine = build_candidate(component, model, OnnxBackend(), decode)
     with fp32_inside:
@@ -91,7 +91,7 @@ def _count_casts(model: onnx.ModelProto, to: int) -> int:
 def test_onnxruntime_keeps_every_rounding(reference_model, tmp_path):
     """In the graph ONNX Runtime optimizes and runs, every fp16 rounding of the rewrite is still
     there, no float op reads or writes fp16, and ONNX Runtime inserted no casts of its own."""
-    model = reference_model(2, torch.float16)
+    model = reference_model("kvheads2", torch.float16)
     graph = build_candidate("decoder_layer", model, OnnxBackend(), decode=False).model
     options = OnnxBackend.session_options()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -166,7 +166,7 @@ MISSING_UPCASTS = {
 
 
 def _check(port: MissingUpcast, reference_model, replacement, rounding=nullcontext()):
-    model = reference_model(2, torch.float16)
+    model = reference_model("kvheads2", torch.float16)
     inputs = port.inputs(make_inputs(port.component, model.config, CaseShape(batch=2, seq_len=16), torch.float16))
     patch = mock.patch(f"trt_layers.modeling.{port.replaced}", replacement) if replacement else nullcontext()
     with patch, rounding:
