@@ -1,9 +1,12 @@
 """The judge: tap-by-tap comparison in execution order, through polygraphy's CompareFunc.
 
-polygraphy decides pass/fail (elementwise ``|a - b| <= atol + rtol * |b|``, b golden, with
-atol scaled by the tap's magnitude, see ``tap_atol``) and computes the error statistics and
-cosine similarity; this module adds what polygraphy lacks: tap ordering, the first diverging
-tap, and a readable table.
+polygraphy decides pass/fail with SimpleCompareFunc's ``elemwise`` check: an element fails only
+if its absolute error exceeds atol *and* its relative error exceeds rtol, i.e. it passes when
+``|c - g| <= atol_tap`` or ``|c - g| <= rtol * |g|`` (g golden, c candidate; a NaN error fails;
+not numpy's ``atol + rtol * |g|``), and a tap passes when every element does. ``atol_tap`` is the
+dtype's atol times ``max(1, max |g|)`` over the tap (``tap_atol``). polygraphy also computes the
+error statistics and cosine similarity; this module adds what polygraphy lacks: tap ordering, the
+first diverging tap, and a readable table.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TapResult:
     cosine: float
     passed: bool
     note: str = ""
+    atol: float = float("nan")  # the absolute tolerance this tap was judged at (tap_atol)
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -103,7 +107,7 @@ def compare_taps(
         verdict = verdicts[name]
         results.append(TapResult(
             name, g.shape, float(verdict.max_absdiff), float(verdict.max_reldiff), float(verdict.mean_absdiff),
-            cosines[name].cosine_similarity, bool(verdict),
+            cosines[name].cosine_similarity, bool(verdict), atol=atol[name],
         ))
     return results
 

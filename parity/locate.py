@@ -161,6 +161,8 @@ class LocateReport:
         """'pass', or where it diverges: 'FAIL at q_rot (max abs 1.2e+00, cosine 0.76)'."""
         if self.exit_code == 0:
             return "pass"
+        if self.check.error is not None:
+            return f"FAIL: {self.check.error}"
         first = self.first_failure
         if first is None:
             return "FAIL at the real outputs (every tap passes once marked)"
@@ -184,6 +186,8 @@ def summary(checks: list[Check], reports: list[LocateReport], dtype: str) -> str
     if len(checks) == 1:
         if not failed:
             return f"PASSED: {taps} taps of {checks[0].label} within {dtype} tolerance"
+        if reports[0].check.error is not None:
+            return f"DIVERGED: {checks[0].label}: {reports[0].check.error}"
         return f"DIVERGED: first diverging tap {reports[0].verdict().removeprefix('FAIL at ')}"
     width = max(len(check.label) for check in checks)
     lines = [f"  {check.label:<{width}}  {report.verdict()}" for check, report in zip(checks, reports)]
