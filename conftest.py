@@ -1,7 +1,5 @@
 """Backend detection and selection, shared fixtures, and skips for what a machine cannot run."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -33,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
     selected, why = resolve_candidates(config.getoption("--backend"))
     for item in items:
         for marker in HARDWARE_MARKERS:
-            if marker in item.keywords and (reason := skip_reason(marker)):
+            if item.get_closest_marker(marker) and (reason := skip_reason(marker)):
                 item.add_marker(pytest.mark.skip(reason=f"needs {marker}: {reason}"))
         params = item.callspec.params if hasattr(item, "callspec") else {}
         case = params.get("case")
@@ -61,38 +59,45 @@ def tiny_model(tiny_config):
     return random_model(tiny_config, seed=0)
 
 
-# Attention layouts of the tiny model (8 query heads): ids avoid component names so that
-# `pytest -k gqa` selects the attention tests only.
-KV_HEADS = {"kvheads8": 8, "kvheads2": 2, "kvheads1": 1}
+# Test layouts, (preset, KV heads): the tiny model's 8 heads as MHA, GQA 4:1 and MQA, and
+# tiny-variant, whose rope_theta, rms_norm_eps, head count and head dim all differ from
+# DeciCoder-1b's (tiny shares its theta, eps and 4:1 grouping), so a port that hard-codes one
+# of them fails. Ids avoid component names so that `pytest -k gqa` selects the attention tests only.
+LAYOUTS = {"kvheads8": ("tiny", 8), "kvheads2": ("tiny", 2), "kvheads1": ("tiny", 1), "variant": ("tiny-variant", 2)}
+KV_LAYOUTS = ("kvheads8", "kvheads2", "kvheads1")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def layout_config(layout: str) -> DeciCoderConfig:
+    preset, kv_heads = LAYOUTS[layout]
+    return DeciCoderConfig.from_preset(preset).with_kv_heads(kv_heads)
+
+
 @pytest.fixture(scope="session")
-def reference_model(tiny_config):
-    """The tiny reference with seeded weights, per KV-head count and dtype (built once)."""
+def reference_model():
+    """A reference with seeded weights, per layout (a key of LAYOUTS) and dtype (built once)."""
     models = {}
 
-    def make(kv_heads: int, dtype: torch.dtype):
-        if (kv_heads, dtype) not in models:
-            config = replace(tiny_config, num_key_value_heads=kv_heads)
-            models[kv_heads, dtype] = random_model(config, seed=0, dtype=dtype)
-        return models[kv_heads, dtype]
+    def make(layout: str, dtype: torch.dtype):
+        if (layout, dtype) not in models:
+            models[layout, dtype] = random_model(layout_config(layout), seed=0, dtype=dtype)
+        return models[layout, dtype]
 
     return make
 
 
 @pytest.fixture(scope="session")
 def oracle_pair(reference_model):
-    """(reference, transformers Llama) with the same weights, per KV-head count and dtype."""
+    """(reference, transformers Llama) with the same weights, per layout and dtype."""
     from reference.oracle import llama_from_reference
 
     pairs = {}
 
-    def make(kv_heads: int, dtype: torch.dtype):
-        if (kv_heads, dtype) not in pairs:
-            model = reference_model(kv_heads, dtype)
-            pairs[kv_heads, dtype] = model, llama_from_reference(model)
-        return pairs[kv_heads, dtype]
+    def make(layout: str, dtype: torch.dtype):
+        if (layout, dtype) not in pairs:
+            model = reference_model(layout, dtype)
+            pairs[layout, dtype] = model, llama_from_reference(model)
+        return pairs[layout, dtype]
 
     return make
 
@@ -108,7 +113,7 @@ def parity_check(reference_model):
     engines = {}
 
     def run(case):
-        model = reference_model(KV_HEADS[case.layout], DTYPES[case.dtype])
+        model = reference_model(case.layout, DTYPES[case.dtype])
         backend = BACKENDS[case.backend]()
         decode = needs_decode_graph(case.component, case.shape)
         key = (case.component, case.layout, case.dtype, case.backend, decode, case.bug)

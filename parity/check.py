@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,49 @@ from trt_layers import weights as weight_mapping
 from trt_layers.network import Backend, Engine, build_component, to_feed
 
 from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
+
+
+class UsageError(ValueError):
+    """Bad usage or input (exit 2), found before any model is built."""
+
+
+class CandidateError(Exception):
+    """The candidate failed to build or run: the port is at fault (a divergence, exit 1), not the user."""
+
+
+@contextlib.contextmanager
+def _candidate_stage(what: str) -> Iterator[None]:
+    """Report any failure inside as the candidate's, prefixed with ``what``."""
+    try:
+        yield
+    except CandidateError:
+        raise
+    except Exception as e:
+        raise CandidateError(f"{what}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+class CandidateBackend(Backend):
+    """``backend`` with its build and run failures reported as CandidateError: a port that hard-codes
+    a head count fails to build, and that is the port's divergence, not bad usage."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.name = backend, backend.name
+
+    @property
+    def description(self) -> str:
+        return self.backend.description
+
+    def build(self, name, specs, graph, config, dtype) -> Engine:
+        with _candidate_stage(f"the candidate failed to build {name}"):
+            engine = self.backend.build(name, specs, graph, config, dtype)
+        infer = engine.infer
+
+        def checked_infer(feed):
+            with _candidate_stage(f"the candidate failed to run {name}"):
+                return infer(feed)
+
+        engine.infer = checked_infer
+        return engine
 
 
 def needs_decode_graph(component: str, shape: CaseShape) -> bool:
@@ -36,6 +81,15 @@ class CheckResult:
     dtype: torch.dtype
     shape: CaseShape
     results: list[TapResult]
+    error: str | None = None  # the candidate failed to build or run (then no tap was computed)
+
+    @classmethod
+    def candidate_failed(cls, component: str, backend: str, dtype: torch.dtype, shape: CaseShape, num_layers: int,
+                         error: CandidateError) -> CheckResult:
+        """The verdict on a candidate that did not build or run: every tap fails, uncomputed."""
+        results = [TapResult(name, (), *(float("nan"),) * 4, False, "not computed")
+                   for name in component_outputs(component, num_layers)]
+        return cls(component, backend, dtype, shape, results, str(error))
 
     @property
     def first_failure(self) -> TapResult | None:
@@ -47,7 +101,8 @@ class CheckResult:
                 f"batch {s.batch} seq {s.seq_len} past {s.past_len} seed {s.seed}")
 
     def table(self) -> str:
-        return format_table(self.results, self.title())
+        table = format_table(self.results, self.title())
+        return table if self.error is None else f"{table}\n{self.error}"
 
     def assert_passed(self) -> None:
         if (message := failure_message(self.results, self.title())) is not None:

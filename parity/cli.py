@@ -1,125 +1,364 @@
 """Command line of the parity suite: ``python -m parity {locate,export,list-bugs,build,generate,report}``.
 
-Exit status: 0 when every tap passes, 1 when something diverges, 2 on bad usage or input.
+Exit status: 0 when every tap passes, 1 when something diverges (a candidate that fails to build or
+run included), 2 on bad usage or input. Every argument and output path is checked before any model
+is built (``validate``); a usage error is one line on stderr and leaves the disk as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-import transformers
 
-from reference import COMPONENTS, CheckpointError, ConfigError, load_model, resolve_dtype
-from reference.inputs import DECODE_COMPONENTS, CaseShape
-from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+from reference import COMPONENTS, PRESETS, CheckpointError, ConfigError, DeciCoderConfig, load_model, resolve_dtype
+from reference.inputs import CaseShape
+from trt_layers import fast_path
 from trt_layers.bugs import BUGS
-from trt_layers.network import BACKENDS
+from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
+from .check import CandidateBackend, CandidateError, CheckResult, UsageError
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
-from .locate import locate
+from .locate import LocateReport, load_model_as, locate, model_config, plan_checks, refuse_unshowable, summary
 from .report import write_json, write_markdown, write_plot
 
-USAGE_ERROR = 2
+DIVERGED, USAGE_ERROR = 1, 2
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's limit
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr and exit 2, as every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int) -> None:
-    parser.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--batch", type=_positive, default=2)
-    parser.add_argument("--seq-len", type=_positive, default=7)
+def _integer(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= MAX_SEED:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive = _integer(1, "a positive integer")
+_non_negative = _integer(0, "a non-negative integer")
+_seed = _integer(0, f"an integer in [0, {MAX_SEED}]")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint dir")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations")
+    parser.add_argument("--seed", type=_seed, default=0, help="random weights (presets) and inputs")
+
+
+def _add_case_arguments(parser: argparse.ArgumentParser, past_len: int | None) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument("--batch", type=_positive, default=2, help="sequences per batch")
+    parser.add_argument("--seq-len", type=_positive, default=7, help="new tokens per sequence")
     parser.add_argument("--past-len", type=_non_negative, default=past_len,
-                        help="cached tokens (decode); components without a cache ignore it")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="cached tokens (decode; default: 5 in locate's decode checks); components without a "
+                             "cache ignore it")
+
+
+def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto",
+                        help="candidate: onnx (the ONNX lowering), trtllm (TensorRT-LLM engines); "
+                             "auto = trtllm where it can run, else onnx")
+
+
+def _add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write into (created; refused if not empty)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it is not empty (deletes its files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m parity", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     locator = commands.add_parser(
         "locate", help="run golden and candidate, compare every tap in order, name the first that diverges")
-    locator.add_argument("--component", choices=COMPONENTS, default="causal_lm")
-    locator.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto",
-                         help="candidate: onnx (the ONNX lowering), trtllm (TensorRT-LLM engines); "
-                              "auto = trtllm where it can run, else onnx")
+    locator.add_argument("--component", choices=COMPONENTS,
+                         help="check this component alone (default: every component, then the whole model, "
+                              "in prefill and in decode)")
+    _add_backend_argument(locator)
     locator.add_argument("--phase", choices=("prefill", "decode"),
-                         help="prefill (no cache) or decode (--past-len cached tokens); default follows --past-len")
-    locator.add_argument("--inject", choices=sorted(BUGS), help="inject a catalog bug into the candidate (list-bugs)")
+                         help="prefill (no cache) or decode (--past-len cached tokens) checks only; default: both, "
+                              "or with --component, decode if --past-len > 0")
+    locator.add_argument("--kv-heads", type=_positive, metavar="N",
+                         help="a preset's KV heads: its head count (MHA), a divisor (GQA), 1 (MQA); "
+                              "default: the preset's")
+    locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
+                         help="inject a catalog bug into the candidate (list-bugs)")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
-    _add_case_arguments(locator, past_len=0)
+    _add_case_arguments(locator, past_len=None)
 
     commands.add_parser("list-bugs", help="the catalog of porting bugs that --inject takes")
 
     builder = commands.add_parser(
         "build", help="build the whole model's prefill and decode engines with trt_layers (and the fast path)")
-    builder.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
-    builder.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto")
-    builder.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    builder.add_argument("--seed", type=int, default=0)
+    _add_model_arguments(builder)
+    _add_backend_argument(builder)
     builder.add_argument("--fast-path", action="store_true",
                          help="also write TensorRT-LLM's LLaMA checkpoint of the weights and, with TensorRT-LLM, "
                               "build its engine (GPT attention plugin)")
-    builder.add_argument("--out", required=True, help="folder to write into")
+    _add_out_argument(builder)
 
     generator = commands.add_parser(
         "generate", help="prefill + decode through the trt_layers engines; tokens and tokens/s")
-    generator.add_argument("--model", default="tiny", help="preset (tiny, decicoder-1b) or a Hugging Face checkpoint dir")
-    generator.add_argument("--backend", choices=("auto", *CANDIDATES), default="auto")
-    generator.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    _add_model_arguments(generator)
+    _add_backend_argument(generator)
     prompt = generator.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates the rows of a batch")
     prompt.add_argument("--prompt", help="text, encoded with --tokenizer")
     generator.add_argument("--tokenizer", help="a Hugging Face tokenizer directory (for --prompt and decoding)")
-    generator.add_argument("--max-new-tokens", type=_positive, default=16)
+    generator.add_argument("--max-new-tokens", type=_positive, default=16, help="tokens to generate per row")
     generator.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-    generator.add_argument("--top-k", type=_non_negative, default=0, help="with --temperature: sample among the top k")
-    generator.add_argument("--seed", type=int, default=0)
+    generator.add_argument("--top-k", type=_non_negative, default=0,
+                           help="with --temperature: sample among the top k (0: all)")
+    generator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
+                           help="inject a catalog bug into the engines (list-bugs)")
     generator.add_argument("--compare", action="store_true",
-                           help="also decode greedily with the reference and report the first mismatching step")
+                           help="also decode greedily with the reference; report the first step whose logits leave "
+                                "tolerance and the first mismatching token")
 
     report = commands.add_parser(
         "report", help="check the reference against transformers' Llama blocks, component by component")
-    report.add_argument("--component", choices=ORACLE_COMPONENTS, action="append",
+    report.add_argument("--component", choices=COMPONENTS, action="append",
                         help="component to check (repeatable; default: all)")
     _add_case_arguments(report, past_len=5)
 
     exporter = commands.add_parser(
         "export", help="write model.onnx (taps as outputs), inputs.json, golden.json and README.txt for polygraphy")
-    exporter.add_argument("--component", choices=COMPONENTS, required=True)
+    exporter.add_argument("--component", choices=COMPONENTS, required=True, help="what to export")
     exporter.add_argument("--source", choices=SOURCES, default="lowering",
                           help="lowering: the trt_layers graph; reference: the reference traced by torch.onnx")
-    exporter.add_argument("--out", required=True, help="folder to write into")
+    exporter.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
+                          help="also write faulty.onnx, the port with this catalog bug, for polygraphy debug reduce")
+    _add_out_argument(exporter)
     _add_case_arguments(exporter, past_len=0)
     return parser
 
+
+# -- validation: every check that needs no model, before any is built ---------------------------------
+
+def _check_context(tokens: int, what: str, config: DeciCoderConfig) -> None:
+    if tokens > config.max_position_embeddings:
+        raise UsageError(f"{what}: {tokens} tokens exceed the context of {config.max_position_embeddings} positions "
+                         "(max_position_embeddings)")
+
+
+def _check_output_file(option: str, path: str, suffix: str | None = None) -> None:
+    """``path`` can be written as a file; probed by opening it (an existing file is not truncated)."""
+    target = Path(path)
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise UsageError(f"{option} {path}: expected a {suffix} file")
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"{option} {path}: no directory {target.parent}")
+    try:
+        if target.exists():
+            os.close(os.open(target, os.O_WRONLY))
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            target.unlink()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write ({e.strerror})") from None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _staging_dir(out: Path) -> Path:
+    return _existing_ancestor(out.parent) / f".{out.name}.partial-{os.getpid()}"
+
+
+def _check_output_dir(path: str, force: bool) -> None:
+    """``--out`` can become a folder of fresh files (see ``_staged``)."""
+    out = Path(path).absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {path}: folder is not empty (--force replaces it)")
+        if Path.cwd().is_relative_to(out):
+            raise UsageError(f"--out {path}: --force would delete the current directory")
+    if not _existing_ancestor(out.parent).is_dir():
+        raise UsageError(f"--out {path}: {_existing_ancestor(out.parent)} is not a folder")
+    staging = _staging_dir(out)
+    try:
+        staging.mkdir()
+        staging.rmdir()
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create a folder in {staging.parent} ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def _staged(path: str) -> Iterator[Path]:
+    """A fresh folder that becomes ``path`` once the body succeeds (replacing what was there, which
+    ``_check_output_dir`` allowed); if the body fails, nothing it wrote is left behind."""
+    out = Path(path).absolute()
+    staging = _staging_dir(out)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(staging, out)
+
+
+def _candidate_backend(option: str, dtype: torch.dtype,
+                       profile: Profile | None = None) -> tuple[CandidateBackend, str]:
+    """The candidate backend; TensorRT engines serve ``profile`` (default: the whole context)."""
+    selected, why = resolve_candidates(option)
+    if option == "trtllm" and (reason := skip_reason("trtllm")):
+        raise UsageError(f"--backend trtllm cannot run here: {reason}")
+    if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
+        raise UsageError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
+    if selected[0] == "onnx" and dtype == torch.float16 and (reason := OnnxBackend.fp16_rounding_gap()):
+        raise UsageError(f"fp16 on the onnx backend: {reason}")
+    backend = TrtllmBackend(profile) if selected[0] == "trtllm" else BACKENDS[selected[0]]()
+    return CandidateBackend(backend), why
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer, config: DeciCoderConfig) -> torch.Tensor:
+    """The prompt as token ids [batch, tokens], checked against the model's vocabulary and context."""
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UsageError("--prompt needs --tokenizer DIR (a Hugging Face tokenizer directory)")
+        rows = [tokenizer.encode(args.prompt)]
+        if not rows[0]:
+            raise UsageError(f"--prompt {args.prompt!r}: encodes to no tokens")
+    else:
+        try:
+            rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.prompt_ids.split(";")]
+        except ValueError:
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+        if not rows[0] or len({len(r) for r in rows}) != 1:
+            raise UsageError("--prompt-ids: every row needs the same, non-zero number of tokens (no padding)")
+    if not all(0 <= t < config.vocab_size for row in rows for t in row):
+        raise UsageError(f"--prompt-ids: token ids must lie in [0, {config.vocab_size})")
+    _check_context(len(rows[0]) + args.max_new_tokens, "prompt + --max-new-tokens", config)
+    return torch.tensor(rows)
+
+
+def _load_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    if not Path(directory).is_dir():
+        raise UsageError(f"--tokenizer {directory}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tokenizer {directory}: {e}") from None
+
+
+def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    # Handed to locate_command: the checks to run (phases and cache lengths checked).
+    args.checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
+    _check_context(args.seq_len + max(check.shape.past_len for check in args.checks), "--past-len + --seq-len", config)
+    if args.inject:
+        refuse_unshowable(BUGS[args.inject], args.checks, config)
+    _candidate_backend(args.backend, resolve_dtype(args.dtype))
+    reports = {option: path for option in ("--json", "--markdown", "--plot")
+               if (path := getattr(args, option.removeprefix("--"))) is not None}
+    if reports and len(args.checks) > 1:
+        raise UsageError("--json, --markdown and --plot report one check: add --component")
+    if len({os.path.abspath(p) for p in reports.values()}) < len(reports):
+        raise UsageError(f"{', '.join(reports)}: each report needs its own path")
+    for option, path in reports.items():
+        _check_output_file(option, path, ".png" if option == "--plot" else None)
+
+
+def _validate_export(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    if args.dtype == "bf16":
+        raise UsageError("--dtype bf16 cannot be exported for polygraphy: its JSON files and ONNX Runtime's CPU "
+                         "kernels have no bfloat16; export fp32 or fp16")
+    if args.inject and args.source != "lowering":
+        raise UsageError("--inject: catalog bugs are injected into trt_layers; use --source lowering")
+    if args.source == "lowering":  # the port runs on the onnx backend to be exported
+        _candidate_backend("onnx", resolve_dtype(args.dtype))
+
+
+def _validate_generate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    _candidate_backend(args.backend, resolve_dtype(args.dtype))
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature {args.temperature}: expected a positive number")
+    # Handed to generate_command, which then needs neither the tokenizer folder nor the config again.
+    args.tokenizer_object = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    args.input_ids = _prompt_ids(args, args.tokenizer_object, config)
+
+
+def _validate_build(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    dtype = resolve_dtype(args.dtype)
+    _candidate_backend(args.backend, dtype)
+    # A model the fast path's attention plugin cannot build is refused here (ValueError), before anything is written.
+    args.fast_path_options = fast_path.build_options(config, dtype) if args.fast_path else None
+
+
+COMMAND_CHECKS = {"locate": _validate_locate, "export": _validate_export, "generate": _validate_generate,
+                  "build": _validate_build}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every argument and output path against the model's config (not its weights); raises
+    ValueError (UsageError, ConfigError, ...) naming the argument. Nothing is built or written."""
+    if "model" not in args:
+        return
+    # Handed to the command: the config --model names, with --kv-heads' layout.
+    args.config = config = model_config(args.model, getattr(args, "kv_heads", None))
+    if "seq_len" in args and args.command != "locate":  # locate plans its cache lengths: _validate_locate
+        _check_context(args.past_len + args.seq_len, "--past-len + --seq-len", config)
+    if "out" in args:
+        _check_output_dir(args.out, args.force)
+    if (command_checks := COMMAND_CHECKS.get(args.command)) is not None:
+        command_checks(args, config)
+
+
+# -- commands --------------------------------------------------------------------------------------------
 
 def _shape(args: argparse.Namespace) -> CaseShape:
     return CaseShape(args.batch, args.seq_len, args.past_len, args.seed)
 
 
 def report(args: argparse.Namespace) -> int:
+    import transformers  # only here: importing it costs seconds every other command does not need
+
+    from reference.oracle import ORACLE_COMPONENTS, llama_from_reference, run_case
+
     dtype = resolve_dtype(args.dtype)
     model = load_model(args.model, dtype, args.seed)
     llama = llama_from_reference(model)
@@ -138,121 +377,85 @@ def report(args: argparse.Namespace) -> int:
             failures.append(f"{component}.{first.name}")
     if failures:
         print(f"DIVERGED: first failing taps: {', '.join(failures)}")
-        return 1
+        return DIVERGED
     print(f"PASSED: the reference matches transformers on {len(args.component or ORACLE_COMPONENTS)} components")
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
     model = load_model(args.model, resolve_dtype(args.dtype), args.seed)
-    written = export(args.component, model, _shape(args), args.out, args.source)
-    print(f"wrote {written.model}, {written.inputs.name}, {written.golden.name}, {written.readme.name} "
-          f"in {written.directory}")
-    print(f"re-check (from {written.directory}):\n  {written.recheck_command}")
+    bug = BUGS[args.inject] if args.inject else None
+    with _staged(args.out) as directory:
+        written = export(args.component, model, _shape(args), directory, args.source, bug)
+    names = [p.name for p in (written.model, written.faulty, written.inputs, written.golden, written.readme) if p]
+    print(f"wrote {', '.join(names)} in {args.out}")
+    print(f"re-check (from {args.out}):\n  {written.recheck_command}")
     return 0
-
-
-def _check_phase(args: argparse.Namespace) -> None:
-    """--phase against --past-len: decode graphs read a cache (rope only offsets its positions)."""
-    component, past = args.component, args.past_len
-    if args.phase == "decode" and component not in DECODE_COMPONENTS:
-        raise ValueError(f"{component} has no decode graph; decode components: {', '.join(DECODE_COMPONENTS)}")
-    if args.phase == "prefill" and component == "gqa_unmasked":
-        raise ValueError("gqa_unmasked is the decode path; use gqa_masked for prefill")
-    if component in ("decoder_layer", "causal_lm"):
-        if args.phase == "prefill" and past > 0:
-            raise ValueError(f"prefill has no cache: --past-len must be 0 (got {past})")
-        if args.phase == "decode" and past == 0:
-            raise ValueError("--phase decode needs cached tokens: give --past-len N (N >= 1)")
-    if component == "gqa_masked" and past > 0:
-        raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
-
-
-def _candidate_backend(option: str, dtype: torch.dtype):
-    selected, why = resolve_candidates(option)
-    if option == "trtllm" and (reason := skip_reason("trtllm")):
-        raise ValueError(f"--backend trtllm cannot run here: {reason}")
-    if selected[0] == "onnx" and dtype == torch.bfloat16 and (reason := onnxruntime_bf16_gap()):
-        raise ValueError(f"bf16 on the onnx backend: {reason}; use fp32/fp16, or --backend trtllm on a GPU")
-    return BACKENDS[selected[0]](), why
 
 
 def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
+def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
+    """One planned check; a candidate that fails to build or run is that check's divergence."""
+    try:
+        return locate(check.component, model, backend, check.shape, bug, progress=_progress)
+    except CandidateError as failure:
+        return LocateReport(CheckResult.candidate_failed(check.component, backend.description, model.lm_head.weight.dtype,
+                                                         check.shape, num_layers, failure),
+                            bug=bug.name if bug else None)
+
+
 def locate_command(args: argparse.Namespace) -> int:
-    _check_phase(args)
-    dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype)
+    checks, config = args.checks, args.config
     bug = BUGS[args.inject] if args.inject else None
+    dtype = resolve_dtype(args.dtype)
+    profile = Profile(args.batch, args.seq_len, max(check.shape.past_len for check in checks))  # the largest case
+    backend, why = _candidate_backend(args.backend, dtype, profile)
     started = time.perf_counter()
-    model = load_model(args.model, dtype, args.seed)
-    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
+    model = load_model_as(args.model, config, dtype, args.seed)
+    layout = f" ({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads)" if args.kv_heads else ""
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}{layout}, {args.dtype}")
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
-    print(f"tolerance: atol {tolerance.atol:g} x max(1, |tap|), rtol {tolerance.rtol:g} ({tolerance.why})\n")
-    report = locate(args.component, model, backend, _shape(args), bug, progress=_progress)
-    print(report.check.table())
-    if report.outputs_only is not None:
-        shipped = first_failure(report.outputs_only)
-        print(f"\nreal outputs alone (no taps marked): {'pass' if shipped is None else f'FAIL at {shipped.name}'}")
-    for note in report.notes:
-        print(f"note: {note}")
+    print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |tap|) or <= rtol "
+          f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
+    reports = []
+    for check in checks:
+        reports.append(_locate(check, model, backend, bug, config.num_hidden_layers))
+        print(f"\n{reports[-1].text()}")
     if args.json:
-        write_json(report, args.model, args.json)
+        write_json(reports[0], args.model, args.json)
     if args.markdown:
-        write_markdown(report, args.model, args.markdown)
+        write_markdown(reports[0], args.model, args.markdown)
     if args.plot:
-        write_plot(report, args.plot)
-    elapsed = time.perf_counter() - started
-    first = report.first_failure
-    if report.exit_code == 0:
-        print(f"\nPASSED: {len(report.check.results)} taps of {args.component} within {args.dtype} tolerance "
-              f"({elapsed:.1f} s)")
-    else:
-        where = first.name if first else "the real outputs"
-        print(f"\nDIVERGED: first diverging tap {where}" + (f" (max abs {first.max_abs:.3e}, cosine "
-              f"{first.cosine:.6f})" if first else "") + f" ({elapsed:.1f} s)")
-    return report.exit_code
+        write_plot(reports[0], args.model, args.plot)
+    print(f"\n{summary(checks, reports, args.dtype)} ({time.perf_counter() - started:.1f} s)")
+    return max(report.exit_code for report in reports)
 
 
-def _prompt_ids(args: argparse.Namespace, tokenizer) -> torch.Tensor:
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError("--prompt needs --tokenizer DIR (a Hugging Face tokenizer directory)")
-        return torch.tensor([tokenizer.encode(args.prompt)])
-    try:
-        rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.prompt_ids.split(";")]
-    except ValueError:
-        raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
-    if not rows[0] or len({len(r) for r in rows}) != 1:
-        raise ValueError("--prompt-ids: every row needs the same, non-zero number of tokens (no padding)")
-    return torch.tensor(rows)
+def _build_engines(model, dtype: torch.dtype, backend, bug_name: str | None):
+    from trt_layers.generation import CausalLM
+
+    with BUGS[bug_name].injected() if bug_name else contextlib.nullcontext():
+        return CausalLM.build(model.config, model.state_dict(), dtype, backend)
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from trt_layers.generation import CausalLM, Sampling
+    from trt_layers.generation import Sampling
 
     from .generation import compare_generation
 
     dtype = resolve_dtype(args.dtype)
-    backend, why = _candidate_backend(args.backend, dtype)
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    ids = _prompt_ids(args, tokenizer)
+    ids, tokenizer = args.input_ids, args.tokenizer_object
+    batch, prompt = ids.shape  # the decode engine's cache grows to prompt + max_new_tokens - 1
+    backend, why = _candidate_backend(args.backend, dtype, Profile(batch, prompt, prompt + args.max_new_tokens - 1))
     model = load_model(args.model, dtype, args.seed)
-    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
-        raise ValueError(f"--prompt-ids: token ids must lie in [0, {model.config.vocab_size})")
-    if ids.shape[1] + args.max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"{ids.shape[1]} prompt + {args.max_new_tokens} new tokens exceed the context of "
-                         f"{model.config.max_position_embeddings}")
-    print(f"candidate: {backend.description} [{backend.name}: {why}], model {args.model}, {args.dtype}")
+    print(f"candidate: {backend.description} [{backend.name}: {why}], model {args.model}, {args.dtype}"
+          + (f", injected bug: {args.inject}" if args.inject else ""))
     start = time.perf_counter()
-    engines = CausalLM.build(model.config, model.state_dict(), dtype, backend)
+    engines = _build_engines(model, dtype, backend, args.inject)
     print(f"built prefill and decode engines in {time.perf_counter() - start:.2f} s")
     sampling = None if args.temperature is None else Sampling(args.temperature, args.top_k, args.seed)
     start = time.perf_counter()
@@ -268,43 +471,41 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.compare:
         result = compare_generation(model, engines, ids, args.max_new_tokens)
         print("parity with the reference (greedy):", result.describe())
-        return 0 if result.identical else 1
+        return 0 if result.passed else DIVERGED
     return 0
 
 
 def build_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from trt_layers import fast_path
-    from trt_layers.generation import CausalLM
-
     dtype = resolve_dtype(args.dtype)
     backend, why = _candidate_backend(args.backend, dtype)
     model = load_model(args.model, dtype, args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    engines = CausalLM.build(model.config, model.state_dict(), dtype, backend)
-    paths = [engines.prefill.save(out / "prefill"), engines.decode.save(out / "decode")]
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    print(f"{backend.description} [{backend.name}: {why}]: wrote {', '.join(str(p) for p in paths)} "
+    with _staged(args.out) as staging:
+        engines = _build_engines(model, dtype, backend, None)
+        names = [engines.prefill.save(staging / "prefill").name, engines.decode.save(staging / "decode").name]
+        (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if args.fast_path:
+            fast_path.write_checkpoint(model, staging / "trtllm_checkpoint")
+            if skip_reason("trtllm") is None:
+                fast_path.build_engine(staging / "trtllm_checkpoint", staging / "trtllm_engine", args.fast_path_options)
+    print(f"{backend.description} [{backend.name}: {why}]: wrote {', '.join(str(out / n) for n in names)} "
           f"in {time.perf_counter() - start:.1f} s (outputs: logits and each layer's present K/V)")
     if args.fast_path:
-        checkpoint = fast_path.write_checkpoint(model, out / "trtllm_checkpoint")
+        checkpoint = out / "trtllm_checkpoint"
         print(f"fast path: TensorRT-LLM LLaMA checkpoint in {checkpoint}")
         if skip_reason("trtllm") is None:
-            engine_dir = fast_path.build_engine(checkpoint, out / "trtllm_engine")
-            print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {engine_dir}")
+            print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {out / 'trtllm_engine'}")
         else:
-            print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: trtllm-build "
-                  f"--checkpoint_dir {checkpoint} --output_dir {out / 'trtllm_engine'} --gpt_attention_plugin auto "
-                  f"--gemm_plugin auto")
+            print(f"fast path: engine not built ({skip_reason('trtllm')}); on a GPU machine: "
+                  f"{fast_path.trtllm_build_command(checkpoint, out / 'trtllm_engine', args.fast_path_options)}")
     return 0
 
 
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
+        print(f"{'':<24} shows in {bug.shows.describe()}")
     return 0
 
 
@@ -312,13 +513,28 @@ COMMANDS = {"locate": locate_command, "export": export_command, "list-bugs": lis
             "generate": generate_command, "report": report}
 
 
+def _one_line(error: Exception) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        validate(args)
+    except ValueError as e:  # UsageError, ConfigError, CheckpointError: nothing has run yet
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError, CheckpointError) as e:  # e.g. weights that do not match config.json
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return USAGE_ERROR
+    except CandidateError as e:
+        print(f"DIVERGED: {_one_line(e)}")
+        return DIVERGED
+    except Exception as e:  # a fault of this suite, not a verdict on the port: one line, never a traceback
+        print(f"error: {type(e).__name__}: {_one_line(e)} (an internal error of the parity suite)", file=sys.stderr)
+        return DIVERGED
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 The graph is built at the case's shapes (static, shape arithmetic folded), the form
 ``polygraphy debug reduce`` works best on. A folder gets ``model.onnx`` (taps as named graph outputs), ``inputs.json`` (polygraphy's
 data-loader format) and ``golden.json`` (polygraphy RunResults from the reference), plus a
-``README.txt`` with the exact commands that re-check it.
+``README.txt`` with the exact commands that re-check it. With a catalog bug, ``faulty.onnx`` is the
+same port with the bug injected: the failing graph ``debug reduce`` works on, ``model.onnx`` its
+trusted twin.
 """
 
 from __future__ import annotations
 
 import shlex
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,19 @@ from reference import DeciCoderForCausalLM
 from reference.components import run_component
 from reference.inputs import CaseShape, make_inputs
 from reference.taps import component_outputs
+from trt_layers.bugs import Bug
 from trt_layers.network import OnnxBackend, quiet_polygraphy, save_onnx, to_feed
 
-from .check import build_candidate, needs_decode_graph
-from .compare import TOLERANCES, tap_atol
+from .check import CandidateBackend, UsageError, build_candidate, needs_decode_graph
+from .compare import TOLERANCES, compare_taps, first_failure, tap_atol
+from .reduce_check import DIVERGED
 
 SOURCES = ("lowering", "reference")
+# Printed commands name the tools of this interpreter's environment, so they run as written without
+# an activated venv: a bare `python` or `polygraphy` on PATH may be another install, without the suite.
+PYTHON = shlex.quote(sys.executable)
+_POLYGRAPHY_HERE = Path(sys.executable).parent / "polygraphy"
+POLYGRAPHY = shlex.quote(str(_POLYGRAPHY_HERE)) if _POLYGRAPHY_HERE.exists() else "polygraphy"
 
 
 @dataclass
@@ -39,6 +49,7 @@ class Export:
     golden: Path
     readme: Path
     recheck_command: str
+    faulty: Path | None = None  # the port with a catalog bug injected (export --inject)
 
 
 class _ReferenceGraph(torch.nn.Module):
@@ -80,39 +91,62 @@ def _tolerance_args(outputs: dict[str, np.ndarray], dtype: torch.dtype) -> str:
 
 def _recheck_commands(model: Path, outputs: dict[str, np.ndarray], dtype: torch.dtype) -> tuple[str, str, str]:
     common = f"--load-inputs inputs.json {_tolerance_args(outputs, dtype)}"
-    onnxrt = f"polygraphy run {model.name} --onnxrt {common} --load-outputs golden.json"
-    trt = f"polygraphy run {model.name} --trt --onnxrt {common}"
+    onnxrt = f"{POLYGRAPHY} run {model.name} --onnxrt {common} --load-outputs golden.json"
+    trt = f"{POLYGRAPHY} run {model.name} --trt --onnxrt {common}"
     # debug precision builds fp16 engines from this (fp32) graph, marking layers back to fp32
     # until the engine meets the fp16 tolerances against the fp32 golden values.
-    precision = (f"polygraphy debug precision {model.name} --fp16 --precision float32 --mode bisect --dir forward "
-                 f"--load-inputs inputs.json --check polygraphy run polygraphy_debug.engine --trt "
+    precision = (f"{POLYGRAPHY} debug precision {model.name} --fp16 --precision float32 --mode bisect --dir forward "
+                 f"--load-inputs inputs.json --check {POLYGRAPHY} run polygraphy_debug.engine --trt "
                  f"--load-inputs inputs.json --load-outputs golden.json {_tolerance_args(outputs, torch.float16)}")
     return onnxrt, trt, precision
 
 
+def _lowered(component: str, model: DeciCoderForCausalLM, shape: CaseShape, inputs: dict[str, torch.Tensor]):
+    """The port through the ONNX lowering at these inputs' (static) shapes; a failing build is the port's."""
+    static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    return build_candidate(component, model, CandidateBackend(OnnxBackend()), needs_decode_graph(component, shape),
+                           static_shapes)
+
+
+def _faulty_graph(component: str, model: DeciCoderForCausalLM, shape: CaseShape, inputs: dict[str, torch.Tensor],
+                  golden: dict[str, np.ndarray], bug: Bug) -> onnx.ModelProto:
+    """The lowering with ``bug`` injected; refused if its taps match the golden ones (nothing to reduce)."""
+    with bug.injected():
+        engine = _lowered(component, model, shape, inputs)
+    dtype = model.lm_head.weight.dtype
+    if first_failure(compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[dtype])) is None:
+        raise UsageError(f"--inject {bug.name}: every tap of {component} stays within tolerance in this case, so "
+                         f"there is no failing graph to reduce (the bug shows in {bug.component}: see list-bugs)")
+    return engine.model
+
+
 def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, directory: str | Path,
-           source: str = "lowering") -> Export:
-    """Export ``component`` (prefill, or decode when the shape has a cache) with golden data into ``directory``."""
+           source: str = "lowering", bug: Bug | None = None) -> Export:
+    """Export ``component`` (prefill, or decode when the shape has a cache) with golden data into
+    ``directory``, and with ``bug`` (lowering only) ``faulty.onnx`` beside it."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    if bug is not None and source != "lowering":
+        raise ValueError("catalog bugs are injected into trt_layers: --inject needs --source lowering")
     dtype = model.lm_head.weight.dtype
     if dtype == torch.bfloat16:
         raise ValueError("bf16 cannot be exported for polygraphy: its JSON files and ONNX Runtime's CPU kernels "
                          "have no bfloat16; export fp32 or fp16")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(component, model.config, shape, dtype)
     golden = {name: t.detach().numpy() for name, t in run_component(component, model, inputs).items()}
     if source == "lowering":
-        static_shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-        graph = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
-                                static_shapes).model
+        graph = _lowered(component, model, shape, inputs).model
     else:
         graph = reference_onnx(component, model, inputs)
+    faulty = None if bug is None else _faulty_graph(component, model, shape, inputs, golden, bug)
 
+    directory.mkdir(parents=True, exist_ok=True)
     paths = Export(directory, directory / "model.onnx", directory / "inputs.json", directory / "golden.json",
-                   directory / "README.txt", "")
+                   directory / "README.txt", "", None if bug is None else directory / "faulty.onnx")
     save_onnx(graph, paths.model)
+    if faulty is not None:
+        save_onnx(faulty, paths.faulty)
     results = RunResults()
     results.append(("golden", [IterationResult(golden, runner_name="golden")]))
     with quiet_polygraphy():
@@ -121,25 +155,39 @@ def export(component: str, model: DeciCoderForCausalLM, shape: CaseShape, direct
     onnxrt, trt, precision = _recheck_commands(paths.model, golden, dtype)
     paths.recheck_command = onnxrt
     reduce = reduce_command("faulty.onnx", "inputs.json", shape_args(inputs), trusted=paths.model.name)
+    faulty_note = (_FAULTY_WRITTEN.format(bug=bug.name, description=bug.description) if bug is not None
+                   else _FAULTY_TO_MAKE)
     paths.readme.write_text(_README.format(
         component=component, source=source, dtype=str(dtype).removeprefix("torch."),
         shape=f"batch {shape.batch}, seq {shape.seq_len}, past {shape.past_len}, seed {shape.seed}",
-        onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name,
+        onnxrt=onnxrt, trt=trt, reduce=reduce, model=paths.model.name, faulty=faulty_note, polygraphy=POLYGRAPHY,
+        faulty_file="" if bug is None else f"\n  faulty.onnx  the same port with the catalog bug {bug.name} injected",
         precision=precision if dtype == torch.float32 else _FP16_FROM_FP32), encoding="utf-8")
     return paths
 
 
 def shape_args(inputs: dict[str, torch.Tensor]) -> str:
-    """polygraphy's --model-input-shapes value for these inputs."""
-    return " ".join(f"{name}:[{','.join(str(d) for d in t.shape)}]" for name, t in inputs.items())
+    """polygraphy's --model-input-shapes value for these inputs, quoted for the shell."""
+    return " ".join(shlex.quote(f"{name}:[{','.join(str(d) for d in t.shape)}]") for name, t in inputs.items())
 
 
 def reduce_command(model: str, inputs: str, shapes: str, trusted: str) -> str:
     """``polygraphy debug reduce`` of ``model`` with the project's CPU check: each subgraph is run on
-    the values ``trusted`` (a graph with the same tensor names) computes; exit 1 = still failing."""
-    check = f"python -m parity.reduce_check polygraphy_debug.onnx --trusted {shlex.quote(trusted)} --load-inputs {inputs}"
-    return (f"polygraphy debug reduce {shlex.quote(model)} -o reduced.onnx --mode bisect --model-input-shapes {shapes} "
-            f"--load-inputs {inputs} --fail-code 1 --check {check}")
+    the values ``trusted`` (a graph with the same tensor names) computes.
+
+    The check runs in this interpreter (a bare ``python`` may lack the suite), and an iteration
+    counts as failing only if the check exits 1 *and* prints its DIVERGED line: a check that
+    cannot start or gives no verdict never reads as "still failing". reduce itself assumes the
+    whole graph fails, so the command first asks the check whether it does (and whether it can
+    run at all): if not, nothing is reduced and no reduced.onnx is written.
+    """
+    def check(graph: str) -> str:
+        return (f"{PYTHON} -m parity.reduce_check {shlex.quote(graph)} "
+                f"--trusted {shlex.quote(trusted)} --load-inputs {inputs}")
+
+    return (f"{check(model)} --expect-divergence && {POLYGRAPHY} debug reduce {shlex.quote(model)} -o reduced.onnx "
+            f"--mode bisect --model-input-shapes {shapes} --load-inputs {inputs} --fail-code 1 "
+            f"--fail-regex {shlex.quote(DIVERGED.pattern)} --check {check('polygraphy_debug.onnx')}")
 
 
 _README = """\
@@ -147,7 +195,7 @@ _README = """\
 
   model.onnx   the graph, every tap a named output
   inputs.json  its inputs (polygraphy data-loader JSON)
-  golden.json  the reference's taps on those inputs (polygraphy RunResults JSON)
+  golden.json  the reference's taps on those inputs (polygraphy RunResults JSON){faulty_file}
 
 Re-check on the CPU with ONNX Runtime against the golden values:
 
@@ -159,21 +207,23 @@ Needs TensorRT (GPU): build the graph with TensorRT and compare it with ONNX Run
 
 Inspect:
 
-  polygraphy inspect model {model} --show layers
+  {polygraphy} inspect model {model} --show layers
 
-Reduce a failing variant of this graph (faulty.onnx: an edited copy with the same tensor names)
-to the smallest failing subgraph, each subgraph checked on the CPU against the values this graph
-computes:
+Reduce a failing variant of this graph to the smallest failing subgraph, each subgraph checked
+on the CPU against the values {model} computes ({faulty}):
 
   {reduce}
 
 Needs TensorRT: reduce a graph that TensorRT gets wrong by checking TensorRT against ONNX Runtime:
 
-  polygraphy debug reduce {model} -o reduced.onnx --mode bisect --check polygraphy run polygraphy_debug.onnx --trt --onnxrt
+  {polygraphy} debug reduce {model} -o reduced.onnx --mode bisect --check {polygraphy} run polygraphy_debug.onnx --trt --onnxrt
 
 Needs TensorRT: find the layers that must stay in fp32 for an fp16 engine to pass:
 
   {precision}
 """
+_FAULTY_WRITTEN = "faulty.onnx: this port with the catalog bug {bug} injected, {description}"
+_FAULTY_TO_MAKE = ("faulty.onnx: a failing copy of the graph with the same tensor names; "
+                   "export --inject BUG writes one with a catalog bug")
 _FP16_FROM_FP32 = ("(export this component in fp32: `polygraphy debug precision` starts from the fp32 graph "
                    "and its fp32 golden values)")

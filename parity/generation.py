@@ -1,8 +1,9 @@
 """Generation-level parity: the reference and the candidate each decode greedily on their own.
 
 A port can pass every tap check and still drift over many decode steps, so each side follows
-its own tokens, and the report gives the first step where they differ and how close the
-reference was to choosing the candidate's token there.
+its own tokens, and the report gives the first step whose logits leave the dtype's tolerance
+(often well before any token changes), the first step where the tokens differ, and how close
+the reference was to choosing the candidate's token there.
 
 Prompts of different lengths run as separate batches: DeciCoder's prefill ignores padding (as
 the reference does), so a padded batch would not be the model's own computation.
@@ -18,6 +19,8 @@ import torch
 from reference import DeciCoderForCausalLM
 from trt_layers.generation import CausalLM
 
+from .compare import TOLERANCES, compare_taps, first_failure
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -27,17 +30,25 @@ class GenerationResult:
     first_mismatch: int | None  # step (0-based, over the batch) where the tokens first differ
     margin: float | None  # the reference's logit of its token minus of the candidate's token, at that step
     max_logit_error: float  # over the steps both sides saw the same tokens
+    first_out_of_tolerance: int | None  # first of those steps whose logits fail the dtype's tolerance
 
     @property
     def identical(self) -> bool:
         return self.first_mismatch is None
 
+    @property
+    def passed(self) -> bool:
+        return self.identical and self.first_out_of_tolerance is None
+
     def describe(self) -> str:
         head = f"prompt {self.prompt_len} x batch {self.batch}, {self.new_tokens} new tokens:"
+        logits = ("logits within tolerance at every step" if self.first_out_of_tolerance is None
+                  else f"logits leave tolerance at step {self.first_out_of_tolerance}")
         if self.identical:
-            return f"{head} identical (max logit error {self.max_logit_error:.2e})"
-        return (f"{head} first mismatch at step {self.first_mismatch}, where the reference preferred its token by "
-                f"{self.margin:.3e} logits (max logit error before it {self.max_logit_error:.2e})")
+            return f"{head} identical tokens, {logits} (max logit error {self.max_logit_error:.2e})"
+        return (f"{head} {logits}; tokens: first mismatch at step {self.first_mismatch}, where the reference "
+                f"preferred its token by {self.margin:.3e} logits (max logit error up to it "
+                f"{self.max_logit_error:.2e})")
 
 
 @torch.no_grad()
@@ -65,9 +76,13 @@ def compare_generation(model: DeciCoderForCausalLM, candidate: CausalLM, input_i
     first = int(differs[0]) if differs.size else None
     same_steps = max_new_tokens if first is None else first + 1  # the step that diverges saw the same inputs
     max_error = max(float(np.abs(g - c).max()) for g, c in zip(golden_logits[:same_steps], logits[:same_steps]))
+    tolerance = TOLERANCES[model.lm_head.weight.dtype]
+    out_of_tolerance = (step for step, (g, c) in enumerate(zip(golden_logits[:same_steps], logits[:same_steps]))
+                        if first_failure(compare_taps({"logits": g}, {"logits": c}, tolerance)) is not None)
     margin = None
     if first is not None:
         rows = np.arange(input_ids.shape[0])
         step_logits = golden_logits[first]
         margin = float((step_logits[rows, new_golden[:, first]] - step_logits[rows, new_candidate[:, first]]).max())
-    return GenerationResult(prompt_len, input_ids.shape[0], max_new_tokens, first, margin, max_error)
+    return GenerationResult(prompt_len, input_ids.shape[0], max_new_tokens, first, margin, max_error,
+                            next(out_of_tolerance, None))

@@ -1,4 +1,9 @@
-"""Where does a port diverge? One component, or the whole model streamed layer by layer.
+"""Where does a port diverge? Every component and the whole model, or one check.
+
+By default ``locate`` runs the suite (``plan_checks``): each component, in prefill and, where it
+reads a cache (rope through its positions), in decode; then the whole model in prefill and in
+decode through the cache. Together these catch every catalog bug; one check alone may not, so
+injecting a bug that cannot show in what runs is refused (``refuse_unshowable``).
 
 A component is checked twice: first with only its real outputs marked (the engine as it would
 ship), then with every tap marked. Marking a tensor as an output stops TensorRT fusing across
@@ -19,10 +24,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from reference import DeciCoderForCausalLM
+from reference import COMPONENTS, PRESETS, DeciCoderConfig, DeciCoderForCausalLM, load_model, random_model
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs, past_names
 from reference.taps import component_outputs, real_outputs
@@ -34,6 +40,104 @@ from .check import CheckResult, build_candidate, check_component, needs_decode_g
 from .compare import TOLERANCES, TapResult, compare_taps, first_failure
 
 Progress = Callable[[str], None]
+
+PREFILL, DECODE = "prefill", "decode"
+# The phases each component runs in: decode reads a cache (rope: positions continue after it).
+PHASES = {"repeat_kv": (PREFILL,), "rope": (PREFILL, DECODE), "gqa_masked": (PREFILL,), "gqa_unmasked": (DECODE,),
+          "mlp": (PREFILL,), "rmsnorm": (PREFILL,), "decoder_layer": (PREFILL, DECODE),
+          "causal_lm": (PREFILL, DECODE)}
+DEFAULT_PAST_LEN = 5  # cached tokens of a decode check when --past-len is not given
+
+
+@dataclass(frozen=True)
+class Check:
+    """One locate check: a component, in one phase, on one case."""
+
+    component: str
+    phase: str
+    shape: CaseShape
+
+    @property
+    def label(self) -> str:
+        return f"{self.component} {self.phase}" if len(PHASES[self.component]) > 1 else self.component
+
+
+def plan_checks(component: str | None, phase: str | None, batch: int, seq_len: int, past_len: int | None,
+                seed: int = 0) -> list[Check]:
+    """The checks a request runs: ``component``'s, or (None) the suite, every component in every phase.
+
+    ``phase`` None: the suite runs both; one component runs decode if it has only that or
+    ``past_len`` > 0. Decode checks cache ``past_len`` tokens (default DEFAULT_PAST_LEN), prefill
+    checks none. A combination that cannot run raises ValueError.
+    """
+    checks = []
+    for name in COMPONENTS if component is None else (component,):
+        phases = PHASES[name]
+        if phase is not None:
+            phases = (phase,) if phase in phases or component is not None else ()
+        elif component is not None:
+            phases = (DECODE,) if DECODE in phases and (past_len or PREFILL not in phases) else (PREFILL,)
+        checks += [Check(name, p, CaseShape(batch, seq_len, _past_len(name, p, past_len), seed)) for p in phases]
+    return checks
+
+
+def _past_len(component: str, phase: str, past_len: int | None) -> int:
+    if phase not in PHASES[component]:
+        if component == "gqa_unmasked":
+            raise ValueError("gqa_unmasked is the decode path; use gqa_masked for prefill")
+        raise ValueError(f"{component} has no decode graph; decode components: "
+                         f"{', '.join(c for c, phases in PHASES.items() if DECODE in phases)}")
+    if phase == PREFILL:
+        if past_len and component == "gqa_masked":
+            raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
+        if past_len and DECODE in PHASES[component]:
+            raise ValueError(f"prefill has no cache: --past-len must be 0 (got {past_len})")
+        return 0
+    if past_len is None:
+        return DEFAULT_PAST_LEN
+    if past_len == 0 and component != "gqa_unmasked":  # the bare decode attention runs on an empty cache
+        raise ValueError("decode needs cached tokens: give --past-len N (N >= 1), or --phase prefill")
+    return past_len
+
+
+def refuse_unshowable(bug: Bug, checks: list[Check], config: DeciCoderConfig) -> None:
+    """ValueError unless ``bug`` can show in one of ``checks``: a PASS there would check nothing."""
+    if any(bug.shows.allows(check.component, check.shape, config) for check in checks):
+        return
+    past_len = max(check.shape.past_len for check in checks)
+    ran = checks[0].label if len(checks) == 1 else f"any of the {len(checks)} checks"
+    message = (f"--inject {bug.name} cannot show in {ran} (--seq-len {checks[0].shape.seq_len}, --past-len {past_len}, "
+               f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, rms_norm_eps "
+               f"{config.rms_norm_eps:g}): it shows in {bug.shows.describe()}")
+    if bug.shows.allows(bug.component, bug.shape, config):
+        message += f", e.g. --component {bug.component} --seq-len {bug.shape.seq_len} --past-len {bug.shape.past_len}"
+    raise ValueError(message)
+
+
+def model_config(spec: str, kv_heads: int | None = None) -> DeciCoderConfig:
+    """The config ``spec`` names (a preset, or a checkpoint directory's config.json), before any weights.
+
+    ``kv_heads`` lays out a preset's attention: its head count (MHA), a divisor of it (GQA), 1 (MQA).
+    """
+    if spec not in PRESETS:
+        if not Path(spec).is_dir():
+            raise ValueError(f"--model {spec}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        if kv_heads is not None:
+            raise ValueError("--kv-heads lays out a preset's random weights; a checkpoint keeps its own layout")
+        return DeciCoderConfig.from_json_file(Path(spec) / "config.json")
+    config = DeciCoderConfig.from_preset(spec)
+    if kv_heads is None:
+        return config
+    heads = config.num_attention_heads
+    if heads % kv_heads:
+        raise ValueError(f"--kv-heads {kv_heads} must divide the {heads} attention heads of {spec}: "
+                         f"{heads} (MHA), a divisor (GQA) or 1 (MQA)")
+    return config.with_kv_heads(kv_heads)
+
+
+def load_model_as(spec: str, config: DeciCoderConfig, dtype: torch.dtype, seed: int) -> DeciCoderForCausalLM:
+    """``spec``'s model with ``config``'s layout (model_config): seeded random weights for a preset."""
+    return random_model(config, seed, dtype) if spec in PRESETS else load_model(spec, dtype)
 
 
 @dataclass
@@ -53,6 +157,47 @@ class LocateReport:
         outputs_failed = self.outputs_only is not None and first_failure(self.outputs_only) is not None
         return 1 if self.first_failure is not None or outputs_failed else 0
 
+    def verdict(self) -> str:
+        """'pass', or where it diverges: 'FAIL at q_rot (max abs 1.2e+00, cosine 0.76)'."""
+        if self.exit_code == 0:
+            return "pass"
+        if self.check.error is not None:
+            return f"FAIL: {self.check.error}"
+        first = self.first_failure
+        if first is None:
+            return "FAIL at the real outputs (every tap passes once marked)"
+        return f"FAIL at {first.name} (max abs {first.max_abs:.3e}, cosine {first.cosine:.6f})"
+
+    def text(self) -> str:
+        """The tap table, the verdict of the real outputs alone, and the notes."""
+        lines = [self.check.table()]
+        if self.outputs_only is not None:
+            shipped = first_failure(self.outputs_only)
+            verdict = "pass" if shipped is None else f"FAIL at {shipped.name}"
+            lines.append(f"real outputs alone (no taps marked): {verdict}")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def summary(checks: list[Check], reports: list[LocateReport], dtype: str) -> str:
+    """The last lines of a locate run: each check's verdict (when several ran), then PASSED or DIVERGED."""
+    failed = [(check, report) for check, report in zip(checks, reports) if report.exit_code]
+    taps = sum(len(report.check.results) for report in reports)
+    if len(checks) == 1:
+        if not failed:
+            return f"PASSED: {taps} taps of {checks[0].label} within {dtype} tolerance"
+        if reports[0].check.error is not None:
+            return f"DIVERGED: {checks[0].label}: {reports[0].check.error}"
+        return f"DIVERGED: first diverging tap {reports[0].verdict().removeprefix('FAIL at ')}"
+    width = max(len(check.label) for check in checks)
+    lines = [f"  {check.label:<{width}}  {report.verdict()}" for check, report in zip(checks, reports)]
+    if not failed:
+        lines.append(f"PASSED: {len(checks)} checks, {taps} taps within {dtype} tolerance")
+    else:
+        first_check, first_report = failed[0]
+        lines.append(f"DIVERGED: {len(failed)} of {len(checks)} checks; first: {first_check.label} "
+                     f"{first_report.verdict().removeprefix('FAIL ')}")
+    return "\n".join(lines)
 
 
 def _bug_context(bug: Bug | None):

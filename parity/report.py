@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from .compare import TOLERANCES, TapResult, first_failure
@@ -17,7 +18,12 @@ def _number(x: float) -> float | None:
 
 def _tap(r: TapResult) -> dict:
     return {"name": r.name, "shape": list(r.shape), "max_abs": _number(r.max_abs), "max_rel": _number(r.max_rel),
-            "mean_abs": _number(r.mean_abs), "cosine": _number(r.cosine), "passed": r.passed, "note": r.note}
+            "mean_abs": _number(r.mean_abs), "cosine": _number(r.cosine), "atol": _number(r.atol),
+            "passed": r.passed, "note": r.note}
+
+
+def _verdict(report: LocateReport) -> str:
+    return "PASSED" if report.exit_code == 0 else "DIVERGED"
 
 
 def to_json(report: LocateReport, model: str) -> dict:
@@ -32,12 +38,15 @@ def to_json(report: LocateReport, model: str) -> dict:
         "shape": {"batch": check.shape.batch, "seq_len": check.shape.seq_len, "past_len": check.shape.past_len,
                   "seed": check.shape.seed},
         "inject": report.bug,
-        "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "atol_scaled_by_tap_magnitude": True},
+        "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "atol_scaled_by_tap_magnitude": True,
+                      "element_passes_if": "abs_error <= atol * max(1, max|golden tap|) or abs_error <= rtol * "
+                                           "|golden|"},
         "taps": [_tap(r) for r in check.results],
         "outputs_only": None if report.outputs_only is None else [_tap(r) for r in report.outputs_only],
         "layer_detail": None if report.layer_detail is None else {
             "layer": report.layer_detail[0], "taps": [_tap(r) for r in report.layer_detail[1]]},
         "first_failure": None if first is None else first.name,
+        "candidate_error": check.error,
         "notes": report.notes,
         "passed": report.exit_code == 0,
     }
@@ -49,12 +58,14 @@ def write_json(report: LocateReport, model: str, path: str | Path) -> None:
 
 def to_markdown(report: LocateReport, model: str) -> str:
     check, first = report.check, report.first_failure
-    lines = [f"# {check.component}: {'PASSED' if report.exit_code == 0 else 'DIVERGED'}", "",
+    lines = [f"# {check.component}: {_verdict(report)}", "",
              f"- model: `{model}`, {str(check.dtype).removeprefix('torch.')}, batch {check.shape.batch}, "
              f"seq {check.shape.seq_len}, past {check.shape.past_len}, seed {check.shape.seed}",
              f"- candidate: {check.backend}; golden: reference (torch, cpu)"]
     if report.bug:
         lines.append(f"- injected bug: `{report.bug}`")
+    if check.error:
+        lines.append(f"- **{check.error}**")
     lines += ["", "| tap | shape | max abs | max rel | mean abs | cosine | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in check.results:
         verdict = "pass" if r.passed else ("**FAIL (first)**" if r is first else "FAIL")
@@ -68,8 +79,9 @@ def write_markdown(report: LocateReport, model: str, path: str | Path) -> None:
     Path(path).write_text(to_markdown(report, model), encoding="utf-8")
 
 
-def plot(report: LocateReport):
-    """A matplotlib figure: error per tap (log scale); for causal_lm, error growth across layers."""
+def plot(report: LocateReport, model: str | None = None):
+    """A matplotlib figure: error per tap (log scale) against the tap's atol; for causal_lm, error
+    growth across layers. The title names the model, component, verdict and injected bug."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display
@@ -82,28 +94,40 @@ def plot(report: LocateReport):
         xlabel = "layer (embed, decoder layers 0..N-1, logits)"
     else:
         points, labels, xlabel = check.results, [r.name for r in check.results], "tap (execution order)"
-    floor = 1e-12  # log scale: exact zeros drawn at the floor
-    series = {"max abs error": [max(r.max_abs, floor) for r in points],
-              "mean abs error": [max(r.mean_abs, floor) for r in points],
-              "1 - cosine similarity": [max(1.0 - r.cosine, floor) for r in points]}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(points)), 4.5))
+    x = range(len(points))
+    title = f"{model + ' ' if model else ''}{check.component} ({str(check.dtype).removeprefix('torch.')}): "
+    ax.set_title(title + _verdict(report) + (f", injected bug {report.bug}" if report.bug else ""), fontsize=10)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel(xlabel)
+    if check.error is not None:  # no tap was computed: nothing to draw but why
+        ax.text(0.5, 0.5, textwrap.fill(check.error, 70), transform=ax.transAxes, ha="center", va="center")
+        ax.set_yticks([])
+        fig.tight_layout()
+        return fig
+    floor = 1e-12  # log scale: exact zeros drawn at the floor
+    series = {"max abs error": [r.max_abs for r in points], "mean abs error": [r.mean_abs for r in points],
+              "1 - cosine similarity": [1.0 - r.cosine for r in points]}
     for label, values in series.items():
-        ax.plot(range(len(points)), values, marker="o", label=label)
+        ax.plot(x, [max(v, floor) for v in values], marker="o", label=label)
+    # One segment per tap (a collection, not a line): the error no element may exceed where golden is 0.
+    ax.hlines([r.atol for r in points], [i - 0.4 for i in x], [i + 0.4 for i in x], color="gray",
+              label="tap atol (elements also pass within rtol x |golden|)")
+    if any(v == 0 for values in series.values() for v in values):
+        ax.text(0.01, 0.02, f"errors of exactly 0 drawn at {floor:g}", transform=ax.transAxes, fontsize=8,
+                color="dimgray")
     if (first := first_failure(points)) is not None:
         ax.axvline(points.index(first), color="red", linestyle="--", label=f"first divergence: {first.name}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(points)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel(xlabel)
     ax.set_ylabel("error vs golden (log scale)")
-    ax.set_title(f"{check.component} ({str(check.dtype).removeprefix('torch.')}): candidate vs reference")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def write_plot(report: LocateReport, path: str | Path) -> None:
+def write_plot(report: LocateReport, model: str, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig = plot(report)
-    fig.savefig(path, dpi=100)
+    fig = plot(report, model)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)

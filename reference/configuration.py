@@ -63,7 +63,19 @@ TINY = {
     "vocab_size": 512,
 }
 
-PRESETS = {"decicoder-1b": DECICODER_1B, "tiny": TINY}
+# tiny with every value a port might hard-code from DeciCoder-1b changed: rope_theta 5e5 (not
+# 1e4), rms_norm_eps 1e-6 (not 1e-5), 6 heads of dim 24 (not 32 of 64), GQA 3:1 (not 4:1).
+TINY_VARIANT = {
+    **TINY,
+    "hidden_size": 144,
+    "intermediate_size": 400,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 500000.0,
+}
+
+PRESETS = {"decicoder-1b": DECICODER_1B, "tiny": TINY, "tiny-variant": TINY_VARIANT}
 
 # LlamaConfig's defaults, for keys a DeciCoder config.json may omit.
 LLAMA_DEFAULTS = {
@@ -105,6 +117,10 @@ class DeciCoderConfig:
     @property
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def with_kv_heads(self, kv_heads: int) -> "DeciCoderConfig":
+        """The same model with ``kv_heads`` KV heads: every head (MHA), a divisor of them (GQA), or 1 (MQA)."""
+        return DeciCoderConfig.from_dict({**self.to_dict(), "num_key_value_heads": kv_heads}, source=self.source)
 
     @classmethod
     def from_preset(cls, name: str) -> "DeciCoderConfig":

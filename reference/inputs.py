@@ -2,6 +2,8 @@
 
 Golden and candidate run on exactly these tensors: hidden states and cached K/V are unit
 normal (the scale real activations have after RMSNorm), positions continue after the cache.
+Residual streams are not unit scale, in real checkpoints or here: RMSNorm and decoder-layer
+inputs hold tokens of RMS 1e-3 to 10, and whole-model prompts start with SCALED_TOKENS.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import torch
 from .configuration import DeciCoderConfig
 
 Inputs = dict[str, torch.Tensor]
+
+# Token id -> RMS of its embedding row in seeded random weights (init_random_weights): a
+# real checkpoint's residual stream carries tokens far from RMS 1 (outliers in the hundreds),
+# and random weights would not. Whole-model prompts start with these ids, so RMSNorm's eps
+# (which moves only small rows) matters, and so does fp16's range (a row of RMS 300 squares
+# past fp16's 65504). With a checkpoint's own weights they are ordinary tokens.
+SCALED_TOKENS = {1: 1e-3, 2: 1e-2, 3: 300.0}
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,10 @@ def make_inputs(component: str, config: DeciCoderConfig, shape: CaseShape, dtype
     def hidden_states() -> torch.Tensor:
         if component not in ("rmsnorm", "decoder_layer"):
             return normal(b, s, config.hidden_size)  # attention and MLP read RMS-normalised activations
-        # A residual stream's tokens differ in scale: per-token RMS from 1e-3 to 10, so a wrong
-        # RMSNorm eps (which only matters for small tokens) moves the output.
-        rms = 10.0 ** (torch.rand(b, s, 1, generator=generator) * 4.0 - 3.0)
+        # A residual stream's tokens differ in scale: per-token RMS log-spaced from 1e-3 (the first
+        # token, so every case has one) to 10, so a wrong RMSNorm eps (which only matters for
+        # small tokens) moves the output.
+        rms = torch.logspace(-3.0, 1.0, b * s).reshape(b, s, 1)
         return (torch.randn(b, s, config.hidden_size, generator=generator) * rms).to(dtype)
 
     position_ids = torch.arange(shape.past_len, shape.past_len + s).expand(b, s).contiguous()
@@ -59,8 +69,10 @@ def make_inputs(component: str, config: DeciCoderConfig, shape: CaseShape, dtype
     if component in ("mlp", "rmsnorm"):
         return {"hidden_states": hidden_states()}
     if component == "causal_lm":
-        inputs = {"input_ids": torch.randint(0, config.vocab_size, (b, s), generator=generator),
-                  "position_ids": position_ids}
+        input_ids = torch.randint(0, config.vocab_size, (b, s), generator=generator)
+        scaled = torch.tensor([t for t in SCALED_TOKENS if t < config.vocab_size][: b * s], dtype=input_ids.dtype)
+        input_ids.view(-1)[: len(scaled)] = scaled  # the first prompt's first tokens
+        inputs = {"input_ids": input_ids, "position_ids": position_ids}
         layers = range(config.num_hidden_layers) if shape.past_len else ()
     elif component in ("gqa_masked", "gqa_unmasked", "decoder_layer"):
         inputs = {"hidden_states": hidden_states(), "position_ids": position_ids}

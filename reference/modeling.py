@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import DeciCoderConfig
+from .inputs import SCALED_TOKENS
 from .taps import tap
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer: (key, value), [b, kv_heads, len, head_dim]
@@ -304,7 +305,9 @@ def init_random_weights(model: nn.Module, seed: int = 0, dtype: torch.dtype = to
     """Seeded random weights, scaled so activations stay O(1) through the model.
 
     Unit-scale activations make a porting bug move every tap by far more than the fp32
-    tolerance; Hugging Face's std=0.02 init would shrink logits and hide small errors.
+    tolerance; Hugging Face's std=0.02 init would shrink logits and hide small errors. The
+    embedding rows of a few tokens (SCALED_TOKENS) are far from RMS 1, as real residual
+    streams are.
     DeciCoder-1b has 1.1 B weights, so speed matters: uniform draws with the intended std
     (three times faster than normal_), one generator per parameter so that parameters fill in
     parallel threads yet come out the same on every run. Materialises a meta-device model.
@@ -317,7 +320,10 @@ def init_random_weights(model: nn.Module, seed: int = 0, dtype: torch.dtype = to
         half_width = std * math.sqrt(3.0)  # U(-a, a) has std a / sqrt(3)
         generator = torch.Generator().manual_seed(seed * 2**20 + index)
         data = torch.empty(param.shape, dtype=torch.float32)
-        return data.uniform_(mean - half_width, mean + half_width, generator=generator).to(dtype)
+        data.uniform_(mean - half_width, mean + half_width, generator=generator)
+        if name.endswith("embed_tokens.weight"):
+            _scale_token_rows(data)
+        return data.to(dtype)
 
     with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # uniform_ releases the GIL
         for (name, _), data in zip(params, pool.map(draw, range(len(params)))):
@@ -325,6 +331,14 @@ def init_random_weights(model: nn.Module, seed: int = 0, dtype: torch.dtype = to
     if isinstance(model, DeciCoderForCausalLM) and model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def _scale_token_rows(embedding: torch.Tensor) -> None:
+    """Give the rows of SCALED_TOKENS their RMS: hidden states of real scale (see reference.inputs)."""
+    for token, rms in SCALED_TOKENS.items():
+        if token < embedding.shape[0]:
+            row = embedding[token]
+            row.mul_(rms / row.pow(2).mean().sqrt())
 
 
 def assign_parameter(model: nn.Module, name: str, data: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ output is compared on that output alone).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,10 @@ from .components import Taps, run_component
 from .configuration import DeciCoderConfig
 from .inputs import CaseShape, Inputs, make_inputs
 from .modeling import DeciCoderForCausalLM, causal_mask, decode_mask
+
+# The KV cache's keyword and output field: ``cache`` since transformers 5.24, ``past_key_values`` before
+# (TensorRT-LLM 1.2.1 pins 4.57.3).
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def llama_config(config: DeciCoderConfig) -> LlamaConfig:
@@ -31,7 +36,7 @@ def llama_config(config: DeciCoderConfig) -> LlamaConfig:
         num_key_value_heads=config.num_key_value_heads,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_theta=config.rope_theta,  # transformers 5 turns it into rope_parameters, 4.x keeps it
         tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -45,7 +50,8 @@ def llama_from_reference(model: DeciCoderForCausalLM) -> LlamaForCausalLM:
     llama.load_state_dict(model.state_dict(), strict=True)
     # Module.to(dtype) rounded the rotary frequencies; transformers' from_pretrained keeps them fp32.
     rotary = llama.model.rotary_emb
-    rotary.register_buffer("inv_freq", rotary.compute_default_rope_parameters(llama.config)[0], persistent=False)
+    default_rope = getattr(rotary, "compute_default_rope_parameters", None) or rotary.rope_init_fn  # 5.x or 4.x
+    rotary.register_buffer("inv_freq", default_rope(llama.config)[0], persistent=False)
     return llama
 
 
@@ -111,7 +117,7 @@ def _attention(llama, inputs, mask):
     hidden, cache = inputs["hidden_states"], _cache(llama, inputs)
     out, probs = llama.model.layers[0].self_attn(
         hidden, position_embeddings=llama.model.rotary_emb(hidden, inputs["position_ids"]),
-        attention_mask=mask, cache=cache,
+        attention_mask=mask, **{CACHE_ARG: cache},
     )
     layer = cache.layers[0]
     return {"probs": probs, "out": out, "present_k": layer.keys, "present_v": layer.values}
@@ -134,7 +140,7 @@ def _mlp(llama, inputs):
 def _decoder_layer(llama, inputs):
     hidden, position_ids = inputs["hidden_states"], inputs["position_ids"]
     out = llama.model.layers[0](
-        hidden, attention_mask=_mask(inputs), position_ids=position_ids, cache=_cache(llama, inputs),
+        hidden, attention_mask=_mask(inputs), position_ids=position_ids, **{CACHE_ARG: _cache(llama, inputs)},
         position_embeddings=llama.model.rotary_emb(hidden, position_ids),
     )
     return {"out": out}
@@ -154,7 +160,7 @@ def _generation(model, llama, shape):
     for step in range(DECODE_STEPS):
         next_ids = ref_out.logits[:, -1:].argmax(-1)  # both sides follow the reference's tokens
         ref_out = model(next_ids, past_key_values=ref_out.past_key_values)
-        hf_out = llama(next_ids, cache=hf_out.cache, use_cache=True)
+        hf_out = llama(next_ids, **{CACHE_ARG: getattr(hf_out, CACHE_ARG)}, use_cache=True)
         reference[f"decode_{step}.logits"], transformers[f"decode_{step}.logits"] = ref_out.logits, hf_out.logits
     return reference, transformers
 

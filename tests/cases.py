@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import DTYPES, KV_HEADS
+from conftest import DTYPES, KV_LAYOUTS
 from parity.backends import CANDIDATES
 from reference.inputs import CaseShape
 from trt_layers.bugs import BUGS, Bug
@@ -27,7 +27,7 @@ USES_PAST = ("rope", "gqa_unmasked", "decoder_layer", "causal_lm")
 class Case:
     component: str
     backend: str
-    layout: str  # a key of KV_HEADS
+    layout: str  # a key of conftest.LAYOUTS
     dtype: str  # a key of DTYPES
     shape: CaseShape
     bug: Bug | None = None
@@ -53,11 +53,16 @@ def backend_params() -> list:
 
 
 def parity_cases(component: str) -> list:
-    """Every backend x KV layout x dtype x batch x sequence (x cache length where it matters)."""
+    """Every backend x KV layout x dtype x batch x sequence (x cache length where it matters), and
+    tiny-variant (theta, eps and heads unlike DeciCoder-1b's) in fp32, prefill and decode."""
     pasts = PAST_LENS if component in USES_PAST else (0,)
-    grid = itertools.product(CANDIDATES, KV_HEADS, DTYPES, BATCHES, SEQ_LENS, pasts)
-    return [_param(Case(component, backend, layout, dtype, CaseShape(batch, seq, past)))
-            for backend, layout, dtype, batch, seq, past in grid]
+    grid = itertools.product(CANDIDATES, KV_LAYOUTS, DTYPES, BATCHES, SEQ_LENS, pasts)
+    cases = [Case(component, backend, layout, dtype, CaseShape(batch, seq, past))
+             for backend, layout, dtype, batch, seq, past in grid]
+    variant_pasts = PAST_LENS[:2] if component in USES_PAST else (0,)
+    cases += [Case(component, backend, "variant", "fp32", CaseShape(3, 7, past))
+              for backend in CANDIDATES for past in variant_pasts]
+    return [_param(case) for case in cases]
 
 
 def bug_cases(component: str) -> list:

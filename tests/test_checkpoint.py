@@ -19,7 +19,7 @@ from parity.compare import assert_parity
 from reference import CheckpointError, DeciCoderConfig, DeciCoderForCausalLM, load_model
 from reference.configuration import DECICODER_1B
 from reference.modeling import init_random_weights
-from reference.oracle import DECODE_STEPS, llama_config
+from reference.oracle import CACHE_ARG, DECODE_STEPS, llama_config
 
 FP32 = torch.float32
 
@@ -48,6 +48,7 @@ def test_causal_lm_loads_transformers_checkpoint(tmp_path, tiny_config, layout):
     llama = _hf_llama(config)
     llama.save_pretrained(tmp_path)
     model = DeciCoderForCausalLM.from_pretrained(tmp_path)
+    assert model.config.rope_theta == theta  # llama_config passed it in this transformers' spelling
 
     ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_causal_lm_loads_transformers_checkpoint(tmp_path, tiny_config, layout):
         for step in range(DECODE_STEPS):
             next_ids = theirs.logits[:, -1:].argmax(-1)
             ours = model(next_ids, past_key_values=ours.past_key_values)
-            theirs = llama(next_ids, cache=theirs.cache, use_cache=True)
+            theirs = llama(next_ids, **{CACHE_ARG: getattr(theirs, CACHE_ARG)}, use_cache=True)
             assert_parity({"logits": theirs.logits}, {"logits": ours.logits}, FP32, title=f"decode step {step}")
 
     llama.generation_config.eos_token_id = None  # exactly 16 tokens on both sides

@@ -1,11 +1,18 @@
 """`python -m parity locate`: the table, the exit status, the reports, and every catalog bug localized."""
 
 import json
+import re
 
 import pytest
 
+from conftest import layout_config
 from parity.cli import main
+from parity.locate import locate as run_locate, plan_checks
+from reference.inputs import CaseShape
 from trt_layers.bugs import BUGS
+from trt_layers.network import OnnxBackend
+
+SUITE = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 
 
 def locate(capsys, *argv):
@@ -13,11 +20,52 @@ def locate(capsys, *argv):
     return status, capsys.readouterr().out
 
 
-def test_tiny_model_passes_with_a_clean_table(capsys):
+def test_default_runs_every_component_then_the_whole_model_in_both_phases(capsys):
     status, out = locate(capsys)
     assert status == 0
-    assert "PASSED: 9 taps of causal_lm" in out and "FAIL" not in out
-    assert "per-layer engines" in out
+    assert [check.label for check in SUITE] == [
+        "repeat_kv", "rope prefill", "rope decode", "gqa_masked", "gqa_unmasked", "mlp", "rmsnorm",
+        "decoder_layer prefill", "decoder_layer decode", "causal_lm prefill", "causal_lm decode"]
+    assert "PASSED: 11 checks, 71 taps within fp32 tolerance" in out and "FAIL" not in out
+    assert "causal_lm [" in out and "past 5" in out and "per-layer engines" in out
+
+
+def _failed_checks(out: str) -> dict[str, str]:
+    """check label -> first diverging tap, from the summary of a default locate."""
+    return dict(re.findall(r"^  (\w+(?: prefill| decode)?) +FAIL at (\S+) \(", out, flags=re.M))
+
+
+# One suite run per bug takes seconds: rmsnorm_default_eps runs by default (the whole model
+# catches it only through reference.inputs.SCALED_TOKENS), the others with -m slow.
+@pytest.mark.parametrize("bug", [pytest.param(bug, id=bug.name, marks=[] if bug.name == "rmsnorm_default_eps"
+                                              else [pytest.mark.slow]) for bug in BUGS.values()])
+def test_default_locate_catches_each_catalog_bug_at_its_tap(capsys, bug):
+    """Exit 1, the catalog's check names the catalog's tap, and exactly the checks bug.shows allows fail."""
+    status, out = locate(capsys, "--inject", bug.name)
+    assert status == 1
+    failed = _failed_checks(out)
+    catalog_check = plan_checks(bug.component, None, 2, bug.shape.seq_len, bug.shape.past_len)[0]
+    assert failed.get(catalog_check.label) == bug.first_tap, out
+    tiny = layout_config("kvheads2")
+    assert set(failed) == {c.label for c in SUITE if bug.shows.allows(c.component, c.shape, tiny)}, out
+
+
+def _rmsnorm_squaring_in_fp16(x, weights, name, config, dtype):
+    """A port's RMSNorm without the fp32 upcast: x * x overflows fp16 once |x| > 256."""
+    from trt_layers.modeling import param
+
+    variance = (x * x).mean(-1, keepdim=True)
+    return x / (variance + config.rms_norm_eps).sqrt() * param(weights, name, dtype)
+
+
+def test_whole_model_inputs_hold_rows_where_eps_and_fp16_range_matter(capsys, monkeypatch):
+    """Both pass without reference.inputs.SCALED_TOKENS: random weights keep hidden states near RMS 1."""
+    from trt_layers import modeling
+
+    assert main(["locate", "--component", "causal_lm", "--inject", "rmsnorm_default_eps"]) == 1
+    monkeypatch.setattr(modeling, "rmsnorm", _rmsnorm_squaring_in_fp16)
+    assert main(["locate", "--component", "causal_lm", "--dtype", "fp16"]) == 1
+    assert capsys.readouterr().out.count("DIVERGED: first diverging tap layer_0.present_k") == 2
 
 
 @pytest.mark.parametrize("bug", BUGS.values(), ids=list(BUGS))
@@ -29,33 +77,83 @@ def test_each_catalog_bug_is_localized(capsys, bug):
 
 
 def test_whole_model_names_the_layer_then_the_tap_inside_it(capsys):
-    status, out = locate(capsys, "--inject", "layernorms_swapped")
+    status, out = locate(capsys, "--component", "causal_lm", "--inject", "layernorms_swapped")
     assert status == 1
     assert "first diverging tap layer_0.present_k" in out
     assert "Inside layer 0, the first diverging tap is input_norm." in out
 
 
 def test_decode_streams_with_the_cache(capsys):
-    status, out = locate(capsys, "--past-len", "5", "--seq-len", "1")
+    status, out = locate(capsys, "--component", "causal_lm", "--past-len", "5", "--seq-len", "1")
     assert status == 0 and "layer_1.present_k        [2, 2, 6, 16]" in out
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--component", "mlp", "--phase", "decode"], "mlp has no decode graph"),
     (["--component", "decoder_layer", "--phase", "prefill", "--past-len", "3"], "prefill has no cache"),
-    (["--component", "causal_lm", "--phase", "decode"], "--phase decode needs cached tokens"),
+    (["--component", "causal_lm", "--phase", "decode", "--past-len", "0"], "decode needs cached tokens"),
+    (["--past-len", "0"], "decode needs cached tokens"),
     (["--component", "gqa_masked", "--past-len", "3"], "gqa_masked is the prefill path"),
     (["--dtype", "bf16"], "bfloat16"),
+    (["--json", "report.json"], "--json, --markdown and --plot report one check: add --component"),
+    (["--model", "no/such/dir"], "--model no/such/dir: neither a preset (decicoder-1b, tiny, tiny-variant) nor"),
 ])
 def test_bad_usage_exits_2(capsys, argv, message):
     assert main(["locate", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
+# The requests of issue 11 that printed PASSED though the bug could not show, and what shows it.
+@pytest.mark.parametrize("argv,shows_in", [
+    (["--component", "causal_lm", "--inject", "decode_masked"], "it shows in gqa_unmasked with --seq-len >= 2"),
+    (["--component", "decoder_layer", "--past-len", "5", "--inject", "decode_masked"], "it shows in gqa_unmasked"),
+    (["--inject", "decode_masked", "--seq-len", "1"], "e.g. --component gqa_unmasked --seq-len 7 --past-len 5"),
+    (["--component", "rope", "--inject", "rope_offset_forgotten"], "with --past-len >= 1 (decode)"),
+    (["--component", "gqa_unmasked", "--past-len", "0", "--inject", "kv_append_reversed"],
+     "it shows in gqa_unmasked, decoder_layer, causal_lm with --past-len >= 1 (decode)"),
+    (["--component", "rmsnorm", "--inject", "rope_interleaved"], "it shows in rope, gqa_masked"),
+    (["--kv-heads", "1", "--inject", "repeat_kv_tiled"], "with grouped KV heads (1 < --kv-heads < heads)"),
+    (["--model", "tiny-variant", "--inject", "rmsnorm_default_eps"], "with rms_norm_eps other than 1e-06"),
+])
+def test_a_bug_that_cannot_show_is_refused(capsys, argv, shows_in):
+    assert main(["locate", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "cannot show in" in captured.err and shows_in in captured.err
+
+
+# Where bugs.py says a bug cannot show, the check indeed passes with it injected (the default
+# locate per bug checks the rest of bug.shows: exactly the allowed checks fail).
+@pytest.mark.parametrize("bug,component,shape,layout", [
+    ("decode_masked", "decoder_layer", CaseShape(2, 7, 5), "kvheads2"),
+    ("decode_masked", "gqa_unmasked", CaseShape(2, 1, 5), "kvheads2"),
+    ("causal_mask_missing", "gqa_masked", CaseShape(2, 1, 0), "kvheads2"),
+    ("rope_interleaved", "rope", CaseShape(2, 1, 0), "kvheads2"),
+    ("rope_offset_forgotten", "rope", CaseShape(2, 7, 0), "kvheads2"),
+    ("kv_append_reversed", "gqa_unmasked", CaseShape(2, 7, 0), "kvheads2"),
+    ("repeat_kv_tiled", "repeat_kv", CaseShape(2, 7, 0), "kvheads8"),
+    ("repeat_kv_tiled", "repeat_kv", CaseShape(2, 7, 0), "kvheads1"),
+    ("rmsnorm_default_eps", "rmsnorm", CaseShape(2, 7, 0), "variant"),
+], ids=lambda value: value if isinstance(value, str) else f"s{value.seq_len}-p{value.past_len}")
+def test_where_a_bug_cannot_show_its_check_passes(reference_model, bug, component, shape, layout):
+    import torch
+
+    bug = BUGS[bug]
+    model = reference_model(layout, torch.float32)
+    assert not bug.shows.allows(component, shape, model.config)
+    assert run_locate(component, model, OnnxBackend(), shape, bug).exit_code == 0
+
+
 def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as exit_:
         main(["locate", "--inject", "no_such_bug"])
     assert exit_.value.code == 2
+
+
+def test_kv_heads_of_a_checkpoint_exits_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["locate", "--model", str(tmp_path), "--kv-heads", "2"]) == 2
+    assert "--kv-heads lays out a preset's random weights" in capsys.readouterr().err
 
 
 def test_broken_checkpoint_exits_2(tmp_path, capsys, tiny_model):
@@ -69,7 +167,7 @@ def test_broken_checkpoint_exits_2(tmp_path, capsys, tiny_model):
 def test_json_is_stable_and_markdown_written(tmp_path, capsys):
     paths = [tmp_path / "a.json", tmp_path / "b.json"]
     for path in paths:
-        assert main(["locate", "--inject", "rope_interleaved", "--json", str(path),
+        assert main(["locate", "--component", "causal_lm", "--inject", "rope_interleaved", "--json", str(path),
                      "--markdown", str(tmp_path / "report.md")]) == 1
     assert paths[0].read_bytes() == paths[1].read_bytes()
     report = json.loads(paths[0].read_text())

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import DTYPES, KV_HEADS
+from conftest import DTYPES, KV_LAYOUTS
 from parity.compare import TOLERANCES, assert_parity, compare_taps, first_failure
 from reference import modeling
 from reference.inputs import CaseShape
@@ -27,17 +27,17 @@ USES_PAST = {"rope", "gqa_unmasked", "decoder_layer"}
 def _cases():
     for component in ORACLE_COMPONENTS:
         shapes = PREFILL_SHAPES + (DECODE_SHAPES if component in USES_PAST else [])
-        for layout in KV_HEADS:
-            for dtype in DTYPES:
-                for batch, seq_len, past_len in shapes:
-                    yield pytest.param(component, layout, dtype, CaseShape(batch, seq_len, past_len),
-                                       id=f"{component}-{layout}-{dtype}-b{batch}-s{seq_len}-p{past_len}")
+        grid = [(layout, dtype, shape) for layout in KV_LAYOUTS for dtype in DTYPES for shape in shapes]
+        grid.append(("variant", "fp32", shapes[-1]))  # theta, eps and head shape unlike DeciCoder-1b's
+        for layout, dtype, (batch, seq_len, past_len) in grid:
+            yield pytest.param(component, layout, dtype, CaseShape(batch, seq_len, past_len),
+                               id=f"{component}-{layout}-{dtype}-b{batch}-s{seq_len}-p{past_len}")
 
 
 @pytest.mark.parametrize("component,layout,dtype,shape", list(_cases()))
 def test_reference_matches_transformers(oracle_pair, component, layout, dtype, shape):
     dtype = DTYPES[dtype]
-    model, llama = oracle_pair(KV_HEADS[layout], dtype)
+    model, llama = oracle_pair(layout, dtype)
     case = run_case(component, model, llama, shape)
     assert case.shared_taps, f"transformers exposed no tap of {component}"
     assert_parity(case.transformers, case.reference, dtype, case.shared_taps, title=f"{component} vs transformers")
@@ -92,7 +92,7 @@ BROKEN_REFERENCE = {
 @pytest.mark.parametrize("component", BROKEN_REFERENCE)
 def test_broken_reference_is_caught(oracle_pair, monkeypatch, component):
     """The oracle comparison can fail: a classic porting bug in the reference names the right tap."""
-    model, llama = oracle_pair(KV_HEADS["kvheads2"], torch.float32)
+    model, llama = oracle_pair("kvheads2", torch.float32)
     break_reference, expected_tap = BROKEN_REFERENCE[component]
     broken = break_reference(monkeypatch, model)
     case = run_case(component, broken, llama, CaseShape(batch=2, seq_len=7))

@@ -3,8 +3,10 @@
 Each bug replaces one named piece of the port (a helper in ``modeling.py`` or an entry of the
 weight mapping) while it is injected, so the component code itself carries no bug switches.
 Each names the component check that must catch it, the case that exposes it, and the first
-tap where the divergence must be reported. The tests, and later the command line, use this
-one catalog.
+tap where the divergence must be reported; and where it can show at all (``Shows``): a check
+outside that computes the same numbers with and without the bug, so ``locate`` refuses to
+inject it there rather than print a PASS that checked nothing. The tests and the command line
+use this one catalog.
 """
 
 from __future__ import annotations
@@ -16,9 +18,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reference import DeciCoderConfig
 from reference.inputs import CaseShape
 
 from . import functional as F
+
+
+@dataclass(frozen=True)
+class Shows:
+    """The checks in which a bug can show: its components, and what the case and model must have."""
+
+    components: tuple[str, ...]
+    min_seq_len: int = 1  # new tokens: a mask over one token masks nothing
+    min_past_len: int = 0  # 1: decode, with a cache (rope: positions that continue after one)
+    min_positions: int = 1  # past_len + seq_len: RoPE at position 0 rotates by nothing
+    grouped_kv: bool = False  # 1 < KV heads < heads: MHA repeats nothing, MQA's one head tiles as it repeats
+    harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
+    why: str = ""  # why it shows nowhere else, where that is not plain
+
+    def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig) -> bool:
+        kv_heads = config.num_key_value_heads
+        return (component in self.components and shape.seq_len >= self.min_seq_len
+                and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
+                and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
+                and all(getattr(config, key) != value for key, value in self.harmless_with))
+
+    def describe(self) -> str:
+        """Where, in locate's options: 'rope, causal_lm with --past-len >= 1 (decode)'."""
+        needs = [f"--seq-len >= {self.min_seq_len}"] if self.min_seq_len > 1 else []
+        needs += [f"--past-len >= {self.min_past_len} (decode)"] if self.min_past_len else []
+        needs += [f"--past-len + --seq-len >= {self.min_positions}"] if self.min_positions > 1 else []
+        needs += ["grouped KV heads (1 < --kv-heads < heads)"] if self.grouped_kv else []
+        needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
+        where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
+        return f"{where} ({self.why})" if self.why else where
 
 
 @dataclass(frozen=True)
@@ -29,7 +62,8 @@ class Bug:
     patch: Callable  # original attribute -> replacement
     component: str  # the component check that catches it
     first_tap: str  # where that check must report the first divergence
-    shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case that exposes it (with GQA, 2 KV heads)
+    shows: Shows  # every check that can catch it
+    shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case of ``component`` that exposes it (GQA, 2 KV heads)
 
     @contextlib.contextmanager
     def injected(self) -> Iterator[None]:
@@ -103,29 +137,43 @@ def _tied_lm_head(original):
 
 
 _DECODE = CaseShape(batch=2, seq_len=7, past_len=5)
+_ROPE = ("rope", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")  # checks that rotate q and k
+_REPEAT_KV = ("repeat_kv", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")
+_LAYER = ("decoder_layer", "causal_lm")
 
 BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("rope_interleaved", "GPT-J interleaved rotation (TensorRT-LLM's default rope_gptj) instead of rotate-half",
-        "trt_layers.modeling:rotate_half", _rotate_every_two, "rope", "q_rot"),
+        "trt_layers.modeling:rotate_half", _rotate_every_two, "rope", "q_rot", Shows(_ROPE, min_positions=2)),
     Bug("rope_offset_forgotten", "decode positions restart at 0 instead of continuing after the cache",
-        "trt_layers.modeling:rope_positions", _positions_from_zero, "rope", "cos", _DECODE),
+        "trt_layers.modeling:rope_positions", _positions_from_zero, "rope", "cos",
+        Shows(("rope", "gqa_unmasked", *_LAYER), min_past_len=1), _DECODE),
     Bug("repeat_kv_tiled", "KV heads tiled (0,1,0,1) instead of each repeated in place (0,0,1,1)",
-        "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep"),
+        "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep", Shows(_REPEAT_KV, grouped_kv=True)),
+    # causal_mask builds every mask that masks something: prefill's, and inside a layer Llama's
+    # decode mask over several new tokens; the bare decode attention (gqa_unmasked) runs none.
     Bug("causal_mask_missing", "prefill attention without the causal mask",
-        "trt_layers.modeling:causal_mask", _no_causal_mask, "gqa_masked", "probs"),
+        "trt_layers.modeling:causal_mask", _no_causal_mask, "gqa_masked", "probs",
+        Shows(("gqa_masked", *_LAYER), min_seq_len=2)),
     Bug("decode_masked", "decode attention masked causally, though Deci's decode path has no mask",
-        "trt_layers.modeling:no_mask", _causal_decode, "gqa_unmasked", "probs", _DECODE),
+        "trt_layers.modeling:no_mask", _causal_decode, "gqa_unmasked", "probs",
+        Shows(("gqa_unmasked",), min_seq_len=2,
+              why="inside a layer, decode takes Llama's decode mask: causal over cache and new tokens, all zeros "
+                  "for one token, which is what the bug computes"), _DECODE),
     Bug("kv_append_reversed", "new K/V concatenated before the cache instead of after it",
-        "trt_layers.modeling:append_kv", _append_before_past, "gqa_unmasked", "present_k", _DECODE),
+        "trt_layers.modeling:append_kv", _append_before_past, "gqa_unmasked", "present_k",
+        Shows(("gqa_unmasked", *_LAYER), min_past_len=1), _DECODE),
     Bug("mlp_gate_up_swapped", "HF gate_proj mapped to TensorRT-LLM's mlp.gate (it belongs in mlp.fc)",
         "trt_layers.weights:HF_TO_TRTLLM",
-        _swapped("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "mlp", "gate"),
+        _swapped("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "mlp", "gate",
+        Shows(("mlp", *_LAYER))),
     Bug("rmsnorm_default_eps", "rms_norm called with TensorRT-LLM's default eps 1e-6, not the config's 1e-5",
-        "trt_layers.modeling:rmsnorm", _default_eps, "rmsnorm", "out"),
+        "trt_layers.modeling:rmsnorm", _default_eps, "rmsnorm", "out",
+        Shows(("rmsnorm", *_LAYER), harmless_with=(("rms_norm_eps", 1e-6),))),
+    # The rmsnorm check runs input_layernorm, which now holds post_attention_layernorm's weight.
     Bug("layernorms_swapped", "input_layernorm and post_attention_layernorm weights exchanged",
         "trt_layers.weights:HF_TO_TRTLLM",
         _swapped("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        "decoder_layer", "input_norm"),
+        "decoder_layer", "input_norm", Shows(("rmsnorm", *_LAYER))),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
-        "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits"),
+        "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",))),
 ]}

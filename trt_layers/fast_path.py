@@ -4,7 +4,8 @@ DeciCoder-1b is a Llama as far as TensorRT-LLM's native model is concerned (GQA,
 RoPE, RMSNorm, SiLU-gated MLP, untied lm_head), so the fast path is a checkpoint conversion:
 ``config.json`` + ``rank0.safetensors`` in TensorRT-LLM's checkpoint format (what its
 ``convert_checkpoint.py`` writes and ``LLaMAForCausalLM.from_checkpoint`` reads), built with the
-GPT attention plugin. Deci's decode path (no mask for one new token) is what the plugin's
+GPT attention plugin (``build_options``; ``trtllm_build_command`` prints the same build as
+a ``trtllm-build`` line). Deci's decode path (no mask for one new token) is what the plugin's
 causal attention computes with a KV cache, so the engine is a second candidate for the whole
 model, compared against the same golden.
 """
@@ -12,12 +13,13 @@ model, compared against the same golden.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from reference import DeciCoderForCausalLM
+from reference import DeciCoderConfig, DeciCoderForCausalLM
 
 from . import weights as weight_mapping
 from .network import TORCH_TO_TRTLLM_DTYPE
@@ -64,18 +66,70 @@ def write_checkpoint(model: DeciCoderForCausalLM, directory: str | Path) -> Path
     return directory
 
 
-def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, max_batch_size: int = 8,
-                 max_input_len: int = 1024, max_seq_len: int | None = None) -> Path:
+# Head sizes the GPT attention plugin's decoder kernels (masked MHA) exist for; its constructor
+# refuses any other ("Head size %d is not supported by MMHA.", a failed check that ends the
+# process): MMHA_SUPPORTED_HEAD_SIZES in NVIDIA/TensorRT-LLM
+# cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention.cu@0ab9d17a59c2, checked by
+# GPTAttentionPluginCommon's constructor (cpp/tensorrt_llm/plugins/gptAttentionCommon/gptAttentionCommon.cpp).
+GPT_ATTENTION_HEAD_SIZES = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
+
+# BuildConfig fields among the build options; the others are PluginConfig fields.
+BUILD_CONFIG_FIELDS = ("max_batch_size", "max_input_len", "max_seq_len", "gather_generation_logits")
+
+
+def build_options(config: DeciCoderConfig, dtype: torch.dtype, max_batch_size: int = 8,
+                  max_input_len: int | None = None, max_seq_len: int | None = None) -> dict[str, int | str | bool]:
+    """The fast-path engine as BuildConfig and PluginConfig fields, which trtllm-build takes as ``--<field>``.
+
+    Lengths default to the model's context. A model the GPT attention plugin cannot build is
+    refused here (ValueError), before anything is written or built.
+    """
+    if config.head_dim not in GPT_ATTENTION_HEAD_SIZES:
+        raise ValueError(f"the fast path's GPT attention plugin has no kernels for head size {config.head_dim} "
+                         f"(hidden {config.hidden_size} / {config.num_attention_heads} heads); it supports "
+                         f"{', '.join(map(str, GPT_ATTENTION_HEAD_SIZES))}")
+    context = config.max_position_embeddings
+    options = {"max_batch_size": max_batch_size, "max_input_len": max_input_len or context,
+               "max_seq_len": max_seq_len or context,
+               "gather_generation_logits": True,  # generate() returns them; context logits are never read
+               "gpt_attention_plugin": "auto", "gemm_plugin": "auto"}
+    if dtype == torch.float32:
+        # Fused context attention has fp16/bf16 kernels only, so the plugin runs fp32 unfused
+        # ("Fall back to unfused MHA because of unsupported data type", gptAttentionCommon.cpp),
+        # and paged context FMHA, on by default (PluginConfig), would need it.
+        options.update(context_fmha=False, use_paged_context_fmha=False)
+    return options
+
+
+def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict) -> str:
+    """The ``trtllm-build`` line that builds the engine ``build_engine`` builds with ``options``."""
+    words = ["trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir)]
+    for name, value in options.items():
+        if name in BUILD_CONFIG_FIELDS and isinstance(value, bool):  # a store_true flag, off by default
+            words += [f"--{name}"] if value else []
+        elif isinstance(value, bool):  # plugin features take enable / disable
+            words += [f"--{name}", "enable" if value else "disable"]
+        else:
+            words += [f"--{name}", str(value)]
+    return shlex.join(words)
+
+
+def make_build_config(options: dict):
+    """TensorRT-LLM's BuildConfig for ``options`` (needs TensorRT-LLM)."""
+    from tensorrt_llm.builder import BuildConfig
+
+    build_config = BuildConfig(**{name: options[name] for name in BUILD_CONFIG_FIELDS})
+    for name in options.keys() - set(BUILD_CONFIG_FIELDS):
+        setattr(build_config.plugin_config, name, options[name])  # PluginConfig (pydantic) refuses unknown names
+    return build_config
+
+
+def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict) -> Path:
     """TensorRT-LLM's LLaMA engine from the checkpoint, with the GPT attention plugin (needs TensorRT-LLM)."""
-    from tensorrt_llm import BuildConfig, build
+    from tensorrt_llm.builder import build
     from tensorrt_llm.models import LLaMAForCausalLM
 
-    model = LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir))
-    build_config = BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-                               gather_context_logits=True)
-    build_config.plugin_config.gpt_attention_plugin = "auto"
-    build_config.plugin_config.gemm_plugin = "auto"
-    engine = build(model, build_config)
+    engine = build(LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir)), make_build_config(options))
     engine.save(str(engine_dir))
     return Path(engine_dir)
 

@@ -8,12 +8,15 @@ Two backends run the same component code (``modeling.py``):
   ``OnnxrtRunner`` on the CPU.
 
 Batch, sequence and cache lengths are dynamic dimensions in both, so one engine serves every
-shape of a test and component code sees -1 for them, as in TensorRT.
+shape of a test and component code sees -1 for them, as in TensorRT. A TensorRT engine serves
+the shapes of its optimization profile (``Profile``) and reserves activation memory for the
+largest of them (``largest_activation_bytes``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -21,16 +24,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
 
 from reference import DeciCoderConfig
-from reference.inputs import past_names
+from reference.inputs import CaseShape, past_names
 from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
-from . import lowering
+from . import lowering, onnx_fp16
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -47,10 +51,50 @@ class InputSpec:
         return tuple(-1 if isinstance(d, str) else d for d in self.dims)
 
 
-def dim_ranges(config: DeciCoderConfig) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each dynamic dimension: the optimization profile of a TensorRT engine."""
-    context = config.max_position_embeddings
-    return {"batch": (1, 2, 8), "seq": (1, 8, context), "past": (0, 8, context)}
+@dataclass(frozen=True)
+class Profile:
+    """The largest case a TensorRT engine serves: the max shapes of its optimization profile.
+
+    Each dynamic dimension runs from its least value (batch 1, seq 1, past 0) up to these, and
+    TensorRT tunes for them (opt = max): the engine is built for the case it checks.
+    """
+
+    batch: int
+    seq_len: int
+    past_len: int = 0
+
+    @classmethod
+    def of(cls, shape: CaseShape) -> Profile:
+        return cls(shape.batch, shape.seq_len, shape.past_len)
+
+    @classmethod
+    def whole_context(cls, config: DeciCoderConfig, batch: int = 8) -> Profile:
+        """Every length the model can run: what a deployed engine needs, and the costliest profile."""
+        context = config.max_position_embeddings
+        return cls(batch, context, context - 1)
+
+    def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each dynamic dimension, as TensorRT-LLM's ``Tensor(dim_range=...)`` takes them."""
+        return {"batch": (1, self.batch, self.batch), "seq": (1, self.seq_len, self.seq_len),
+                "past": (0, self.past_len, self.past_len)}
+
+
+def largest_activation_bytes(config: DeciCoderConfig, profile: Profile, dtype: torch.dtype) -> int:
+    """Bytes of the largest activation a trt_layers engine holds at ``profile``'s max shapes.
+
+    TensorRT sizes an engine's activation memory for the max shapes of its profile, and
+    polygraphy's ``TrtRunner`` allocates it when it activates (allocation strategy "static").
+    The largest tensor is one of
+
+        attention scores, fp32 (the softmax runs in fp32):  4 * batch * heads * seq * (past + seq)
+        logits (causal_lm and its head piece):              itemsize(dtype) * batch * seq * vocab
+
+    DeciCoder-1b over its whole context (batch 8, seq 2048, past 2047) holds 8.6 GB of fp32
+    scores in every layer; at the command line's default case (batch 2, seq 7), 2.8 MB of fp32 logits.
+    """
+    scores = 4 * profile.batch * config.num_attention_heads * profile.seq_len * (profile.past_len + profile.seq_len)
+    logits = dtype.itemsize * profile.batch * profile.seq_len * config.vocab_size
+    return max(scores, logits)
 
 
 def input_specs(component: str, config: DeciCoderConfig, dtype: torch.dtype, decode: bool) -> list[InputSpec]:
@@ -140,6 +184,25 @@ class Engine:
             return runner.infer(feed)
 
 
+class TrtEngine(Engine):
+    """A TensorRT engine under polygraphy's ``TrtRunner``, which is fed and read as torch tensors.
+
+    polygraphy 0.53.6 checks a feed's dtype through ``DataType.from_dtype``, which does not know
+    ml_dtypes' bfloat16 ("Received unexpected dtype: bfloat16"), and views output bytes as
+    numpy, which has no bfloat16 (``DataTypeConversionException``). Given torch tensors it does
+    both: inputs already on the GPU are used in place, and the outputs come back as torch tensors.
+    """
+
+    def __init__(self, runner, serialized: bytes, device: torch.device | str = "cuda"):
+        super().__init__("trtllm", runner, serialized=serialized)
+        self.device = torch.device(device)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        with quiet_polygraphy(), self._runner as runner:
+            outputs = runner.infer({name: numpy_to_torch(array).to(self.device) for name, array in feed.items()})
+        return OrderedDict((name, lowering.torch_to_numpy(tensor)) for name, tensor in outputs.items())
+
+
 class Backend(ABC):
     name: str
     description: str
@@ -169,6 +232,14 @@ def to_feed(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             for name, t in inputs.items()}
 
 
+def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
+    """The inverse of ``lowering.torch_to_numpy``: ml_dtypes bfloat16 becomes torch.bfloat16, bit for bit."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -176,7 +247,30 @@ class OnnxBackend(Backend):
     def description(self) -> str:
         import onnxruntime
 
-        return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU)"
+        return f"ONNX lowering of trt_layers run by onnxruntime {onnxruntime.__version__} (CPU; {onnx_fp16.EXECUTION})"
+
+    @staticmethod
+    def session_options():
+        """ONNX Runtime's settings for the lowering's graphs (weights are added per engine)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # Each engine runs a handful of times: repacking every weight for faster kernels (and
+        # fusing across ops) costs more at session start than it saves.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Cast-chain elimination (opt-in) would fold the fp16 round trips of onnx_fp16 away.
+        options.add_session_config_entry("optimization.enable_cast_chain_elimination", "0")
+        # Streaming builds one engine after another: an arena would keep each one's peak
+        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
+        options.enable_cpu_mem_arena = False
+        return options
+
+    @staticmethod
+    @functools.cache
+    def fp16_rounding_gap() -> str | None:
+        """Why this onnxruntime cannot compute fp16 per op (None if it can): never fp32 called fp16."""
+        return onnx_fp16.rounding_gap(OnnxBackend.session_options())
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
         import onnxruntime
@@ -188,27 +282,33 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
-        model = network.to_onnx(external=weights)
-        options = onnxruntime.SessionOptions()
-        # Each engine runs a handful of times: repacking every weight for faster kernels (and
-        # fusing across ops) costs more at session start than it saves.
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        # Streaming builds one engine after another: an arena would keep each one's peak
-        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
-        options.enable_cpu_mem_arena = False
+        lowered = network.to_onnx(external=weights)
+        # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
+        model = onnx_fp16.round_each_op_to_fp16(lowered)
+        if model is not lowered and (gap := self.fp16_rounding_gap()):
+            raise RuntimeError(f"fp16 on the onnx backend: {gap}")
+        options = self.session_options()
         # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
         # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
         options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
                                                           for w in weights.values()])
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"), network.to_onnx)
+        # The graph that ran, so that polygraphy re-runs exactly this arithmetic.
+        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"),
+                      lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
 
 
 class TrtllmBackend(Backend):
-    """TensorRT-LLM's functional API on a strongly typed network, as its own unit tests build them."""
+    """TensorRT-LLM's functional API on a strongly typed network, as its own unit tests build them.
+
+    Engines serve ``profile`` (default: the model's whole context, ``Profile.whole_context``);
+    size it to the case being checked, since TensorRT reserves memory for its largest shapes.
+    """
 
     name = "trtllm"
+
+    def __init__(self, profile: Profile | None = None):
+        self.profile = profile
 
     @property
     def description(self) -> str:
@@ -217,12 +317,11 @@ class TrtllmBackend(Backend):
     def build(self, name, specs, graph, config, dtype) -> Engine:
         import tensorrt as trt
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-        from tensorrt_llm._utils import str_dtype_to_trt
         from tensorrt_llm.builder import Builder
         from tensorrt_llm.functional import Tensor
         from tensorrt_llm.network import net_guard
 
-        ranges = dim_ranges(config)
+        ranges = (self.profile or Profile.whole_context(config)).dim_ranges()
         builder = Builder()
         network = builder.create_network()
         with net_guard(network), F.use(F.tensorrt_llm_ops()):
@@ -232,15 +331,13 @@ class TrtllmBackend(Backend):
                 dim_range = OrderedDict(
                     (d, [list(ranges[d])]) if isinstance(d, str) else (f"{spec.name}_dim{k}", [d])
                     for k, d in enumerate(spec.dims))
-                inputs[spec.name] = Tensor(name=spec.name, dtype=str_dtype_to_trt(spec.dtype), shape=list(spec.shape),
+                inputs[spec.name] = Tensor(name=spec.name, dtype=spec.dtype, shape=list(spec.shape),
                                            dim_range=dim_range)
             mark_taps(graph(inputs))
         builder_config = builder.create_builder_config(precision=TORCH_TO_TRTLLM_DTYPE[dtype])
         builder_config.trt_builder_config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would blur fp32 parity
-        serialized = builder.build_engine(network, builder_config)
-        if serialized is None:
-            raise RuntimeError(f"TensorRT failed to build the {name} engine")
-        return Engine(self.name, TrtRunner(EngineFromBytes(serialized), name="tensorrt-llm"), serialized=serialized)
+        serialized = builder.build_engine(network, builder_config)  # asserts that TensorRT built it
+        return TrtEngine(TrtRunner(EngineFromBytes(serialized), name="tensorrt-llm"), serialized)
 
 
 BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBackend}
