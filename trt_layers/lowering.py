@@ -12,9 +12,11 @@ TensorRT network rejects raise TypeError.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import itertools
 import math
+import operator
 from collections.abc import Iterator, Sequence
 
 import ml_dtypes
@@ -68,11 +70,16 @@ class Network:
         self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype][0], dims))
         return Tensor(name, dtype, tuple(shape))
 
+    def folded(self, dtype: str, shape: Sequence[int], value: np.ndarray | list | None) -> "Tensor | None":
+        """Shape arithmetic whose result is known at build time: TensorRT folds it, so does the lowering."""
+        if value is None or -1 in shape or any(v is None for v in value):
+            return None
+        return self.add_constant(np.asarray(value, dtype=DTYPES[dtype][1]).reshape(shape))
+
     def add_node(self, op: str, inputs: Sequence["Tensor | str"], dtype: str, shape: Sequence[int],
                  value: np.ndarray | list | None = None, **attributes) -> "Tensor":
-        if value is not None and -1 not in shape and all(v is not None for v in value):
-            # Shape arithmetic whose result is known at build time: TensorRT folds it, so does the lowering.
-            return self.add_constant(np.asarray(value, dtype=DTYPES[dtype][1]).reshape(shape))
+        if (constant := self.folded(dtype, shape, value)) is not None:
+            return constant
         name = self.unique(op.lower())
         output = Tensor(f"{name}:0", dtype, tuple(shape), value)
         input_names = [t if isinstance(t, str) else t.name for t in inputs]
@@ -85,7 +92,7 @@ class Network:
             # TensorRT-LLM's np_dtype_to_trt has no float64 (nor other numpy types): constant() asserts.
             raise TypeError(f"constant: numpy dtype {array.dtype} has no TensorRT counterpart")
         name = name or self.unique("const")
-        self.constants[name] = np.ascontiguousarray(array)
+        self.constants[name] = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array 1-d
         value = array if dtype in ("int32", "int64", "bool") and array.size <= 16 else None
         return Tensor(name, dtype, tuple(array.shape), value, is_constant=True)
 
@@ -102,9 +109,12 @@ class Network:
     def mark_output(self, tensor: "Tensor", name: str) -> None:
         if name in self.output_names:
             raise ValueError(f"output {name!r} is marked twice")
+        if any(i.name == name for i in self.inputs):
+            raise ValueError(f"output {name!r} would take an input's name")
         self.output_names.add(name)
         self.nodes.append(helper.make_node("Identity", [tensor.name], [name], name=name))
-        self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], None))
+        dims = [None if d == -1 else d for d in tensor.shape]  # a dynamic dim stays unnamed: its size is run-time
+        self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], dims))
 
     def to_onnx(self, external: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
         """The graph as an ONNX model. With ``external`` (a dict to fill), weights of 1 KiB and more
@@ -163,16 +173,29 @@ def net_guard(network: Network) -> Iterator[Network]:
 
 # ---------------------------------------------------------------- tensor
 
+def _not_mirrored(member: str, why: str):
+    """A Tensor member of TensorRT-LLM that the lowering refuses, naming it, rather than guessing."""
+    def refuse(self, *args, **kwargs):
+        raise NotImplementedError(f"Tensor.{member} is not mirrored by the ONNX lowering: {why}")
+    refuse.__name__ = member
+    return refuse
+
+
+_GRAPH_REWRITING = "graph rewriting (tensorrt_llm.graph_rewriting) works on TensorRT layers"
+
+
 class Tensor:
     """Mirrors tensorrt_llm.functional.Tensor: a graph value with a build-time shape (-1 = dynamic).
 
     ``value`` holds the contents when TensorRT would know them at build time (constants and
     shape arithmetic on static dimensions); None marks an unknown element of a shape tensor.
+    Every member of TensorRT-LLM 1.2's Tensor is here: operators build the layers TensorRT-LLM
+    builds, and what it leaves to Python's defaults (``!=``, truth value) raises instead.
     """
 
     def __init__(self, name: str, dtype: str, shape: tuple[int, ...], value: np.ndarray | list | None = None,
                  is_constant: bool = False):
-        self._name, self.dtype, self._shape = name, dtype, shape
+        self._name, self._dtype, self._shape = name, dtype, shape
         self.value = None if value is None else list(np.asarray(value, dtype=object).reshape(-1))
         self.is_constant = is_constant
 
@@ -192,8 +215,25 @@ class Tensor:
         self._name = new_name
 
     @property
+    def dtype(self) -> str:
+        """A TensorRT-LLM dtype name (TensorRT-LLM returns the trt.DataType)."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, dtype) -> None:
+        raise NotImplementedError("Tensor.dtype setter is not mirrored: on a strongly typed network "
+                                  "change a dtype with cast() or mark_output(dtype=)")
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return self._shape
+
+    location = property(_not_mirrored("location", "the lowering has no host/device placement"))
+    network = property(_not_mirrored("network", "use default_net()"))
+    get_parent = _not_mirrored("get_parent", _GRAPH_REWRITING)
+    get_users = _not_mirrored("get_users", _GRAPH_REWRITING)
+    replace_all_uses_with = _not_mirrored("replace_all_uses_with", _GRAPH_REWRITING)
+    is_trt_wrapper = _not_mirrored("is_trt_wrapper", _GRAPH_REWRITING)
 
     def size(self, dim: int | None = None):
         return self._shape if dim is None else self._shape[dim]
@@ -217,6 +257,9 @@ class Tensor:
     def view(self, shape, zero_is_placeholder: bool = True) -> "Tensor":
         return view(self, shape, zero_is_placeholder)
 
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Tensor":
+        return flatten(self, start_dim, end_dim)
+
     def permute(self, dims: Sequence[int]) -> "Tensor":
         return permute(self, dims)
 
@@ -226,17 +269,38 @@ class Tensor:
     def mean(self, dim, keepdim: bool = False) -> "Tensor":
         return mean(self, dim, keepdim)
 
+    def max(self, dim, keepdim: bool = False) -> "Tensor":
+        return max(self, dim, keepdim)
+
+    def abs(self) -> "Tensor":
+        return abs(self)
+
     def sqrt(self) -> "Tensor":
         return sqrt(self)
 
-    def cast(self, dtype) -> "Tensor":
-        return cast(self, dtype)
+    def squeeze(self, dim, zero_is_placeholder) -> "Tensor":  # no defaults: TensorRT-LLM's method has none
+        return squeeze(self, dim, zero_is_placeholder)
 
     def unsqueeze(self, dim: int) -> "Tensor":
         return unsqueeze(self, dim)
 
+    def log(self) -> "Tensor":
+        return log(self)
+
+    def cast(self, dtype) -> "Tensor":
+        return cast(self, dtype)
+
     def split(self, split_size_or_sections, dim: int = 0):
         return split(self, split_size_or_sections, dim)
+
+    def select(self, dim: int, index) -> "Tensor":
+        return select(self, dim, index)
+
+    def unbind(self, dim: int = 0):
+        return unbind(self, dim)
+
+    def repeat(self, sizes: Sequence[int]) -> "Tensor":
+        return repeat(self, sizes)
 
     def mark_output(self, name: str | None = None, dtype=None) -> None:
         """Mirrors Tensor.mark_output on a strongly typed network: casts to ``dtype`` if given."""
@@ -250,7 +314,27 @@ class Tensor:
     def __mul__(self, other): return mul(self, other)
     def __rmul__(self, other): return mul(other, self)
     def __truediv__(self, other): return div(self, other)
+    def __floordiv__(self, other): return floordiv(self, other)
+    def __mod__(self, other): return modulo(self, other)
+    def __lt__(self, other): return lt(self, other)
     def __gt__(self, other): return gt(self, other)
+    def __eq__(self, other): return eq(self, other)  # EQUAL (hashes compare only in graph rewriting)
+    def __ge__(self, other): return op_or(self > other, self == other)
+    def __le__(self, other): return op_or(self < other, self == other)
+
+    def __xor__(self, other):
+        """Mirrors Tensor.__xor__: broadcast_helper, then op_xor."""
+        return op_xor(*broadcast_helper(self, other))
+
+    def __hash__(self) -> int:
+        return id(self)  # TensorRT-LLM hashes the wrapped trt.ITensor's id; the lowering's Tensor is its own
+
+    # TensorRT-LLM defines no __ne__ or __bool__: there `a != b` is `not (a == b)`, the truth value of a
+    # Tensor, which Python calls True, so `!=` is always False and `if tensor:` always taken.
+    __ne__ = _not_mirrored("__ne__", "TensorRT-LLM's Tensor has none, so `!=` is always False there; "
+                                     "build eq() and where() instead")
+    __bool__ = _not_mirrored("__bool__", "a Tensor has no value while the network is built (TensorRT-LLM "
+                                         "calls every Tensor true); compare .shape, or build where()")
 
     def __repr__(self) -> str:
         return f"Tensor(name={self.name!r}, dtype={self.dtype}, shape={list(self._shape)})"
@@ -258,22 +342,44 @@ class Tensor:
 
 # ---------------------------------------------------------------- helpers
 
+_INTS = ("int32", "int64")
+
+
 def _numpy_dtype(dtype: str):
     return DTYPES[dtype][1]
 
 
+def _resolve_dim(dim: int, ndim: int, op: str) -> int:
+    """dim_resolve_negative, plus the range check TensorRT does when the layer is added."""
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{op}: dim {dim} is out of range for a rank-{ndim} tensor")
+    return dim + ndim if dim < 0 else dim
+
+
 def constant_to_tensor_(input, dtype=None, to_array: bool = True) -> Tensor:
-    """Mirrors functional.constant_to_tensor_: Python scalars become [1] constants (0-d without to_array)."""
+    """Mirrors functional.constant_to_tensor_: a Python scalar becomes a [1] constant (0-d without
+    to_array) of ``dtype``, by default bool, int32 or float32 after its type; a Tensor is returned unchanged."""
     if isinstance(input, Tensor):
         return input
     if dtype is None:
         dtype = "bool" if isinstance(input, bool) else "int32" if isinstance(input, int) else "float32"
     dtype = _dtype_name(dtype)
-    array = np.array([input] if to_array else input, dtype=_numpy_dtype(dtype))
-    return constant(array)
+    if dtype == "int8":
+        raise TypeError("constant_to_tensor_: TensorRT-LLM makes no int8 constant from a Python scalar")
+    return constant(np.array([input] if to_array else input, dtype=_numpy_dtype(dtype)))
+
+
+def constants_to_tensors_(*inputs) -> tuple[Tensor, ...]:
+    """Mirrors functional.constants_to_tensors_: Python ints become int64 constants when any input is
+    an int64 Tensor (or an int outside int32); Tensors, int32 ones included, are returned unchanged."""
+    has_int64 = any(isinstance(i, int) and not -2**31 <= i < 2**31 or isinstance(i, Tensor) and i.dtype == "int64"
+                    for i in inputs)
+    return tuple(constant_to_tensor_(i, "int64" if has_int64 and isinstance(i, int) else None) for i in inputs)
 
 
 def _broadcast_shape(*shapes: tuple[int, ...], op: str) -> tuple[int, ...]:
+    if len({len(s) for s in shapes}) > 1:
+        raise ValueError(f"{op}: ranks of {[list(s) for s in shapes]} differ")
     out = []
     for dims in zip(*shapes):
         static = {d for d in dims if d not in (1, -1)}
@@ -289,13 +395,14 @@ def _broadcast_shape(*shapes: tuple[int, ...], op: str) -> tuple[int, ...]:
 
 
 def expand_dims_like(left, right: Tensor) -> Tensor:
-    """Mirrors functional.expand_dims_like: scalars become constants, then rank is padded on the left."""
-    if not isinstance(left, Tensor):
-        dtype = right.dtype if right.dtype in ("float16", "bfloat16", "float32") and isinstance(left, float) else None
-        left = constant_to_tensor_(left, dtype if isinstance(left, float) else "int32")
-    left_ndim, right_ndim = left.ndim(), right.ndim()
-    if right_ndim > left_ndim:
-        return expand_dims(left, list(range(right_ndim - left_ndim)))
+    """Mirrors functional.expand_dims_like: an int becomes an int64 constant (dims_array, TensorRT 10), a float
+    an fp16 one beside an fp16 ``right``, else fp32; then the rank is padded on the left."""
+    if isinstance(left, int):
+        left = constant(np.array([left], dtype=np.int64))
+    elif isinstance(left, float):
+        left = constant(np.array([left], dtype=np.float16 if right.dtype == "float16" else np.float32))
+    if right.ndim() > left.ndim():
+        return expand_dims(left, list(range(right.ndim() - left.ndim())))
     return left
 
 
@@ -320,39 +427,85 @@ def _fold(values_a, values_b, fn):
     return [None if a is None or b is None else fn(a, b) for a, b in zip(values_a, values_b)]
 
 
+def _truncating_div(a, b):
+    """Integer division as the unfolded graph computes it (ONNX Div truncates toward zero)."""
+    quotient = builtins.abs(a) // builtins.abs(b)
+    return quotient if (a < 0) == (b < 0) else -quotient
+
+
+_ARITHMETIC = (*_INTS, *_FLOATS)
+# TensorRT-LLM's elementwise ops: the IElementWiseLayer operation's ONNX form, the input dtypes
+# TensorRT accepts for it (its ElementWise operator table; POW takes no integers in TensorRT 10.7,
+# so integer pow is left unmirrored), and how shape arithmetic on known ints folds.
 _BINARY = {
-    "add": ("Add", lambda a, b: a + b),
-    "sub": ("Sub", lambda a, b: a - b),
-    "mul": ("Mul", lambda a, b: a * b),
-    "div": ("Div", lambda a, b: a // b if isinstance(a, (int, np.integer)) else a / b),
-    "pow": ("Pow", None),
-    "gt": ("Greater", None),
+    "add": ("Add", _ARITHMETIC, operator.add),
+    "sub": ("Sub", _ARITHMETIC, operator.sub),
+    "mul": ("Mul", _ARITHMETIC, operator.mul),
+    "div": ("Div", _ARITHMETIC, _truncating_div),
+    "floordiv": ("FloorDiv", _ARITHMETIC, operator.floordiv),
+    "pow": ("Pow", _FLOATS, None),
+    "gt": ("Greater", _ARITHMETIC, None),
+    "lt": ("Less", _ARITHMETIC, None),
+    "eq": ("Equal", _ARITHMETIC, None),
+    "op_or": ("Or", ("bool",), None),
+    "op_xor": ("Xor", ("bool",), None),
 }
+_BOOL_RESULT = ("gt", "lt", "eq", "op_or", "op_xor")
 
 
 def elementwise_binary(left, right, op: str) -> Tensor:
-    """Mirrors functional.elementwise_binary: IElementWiseLayer after broadcast_helper."""
-    onnx_op, fold = _BINARY[op]
+    """Mirrors functional.elementwise_binary: IElementWiseLayer after broadcast_helper; int32 meeting
+    int64 is cast up, any other dtype mismatch is refused as a strongly typed network refuses it."""
+    onnx_op, accepted, fold = _BINARY[op]
     left, right = broadcast_helper(left, right)
-    if {left.dtype, right.dtype} == {"int32", "int64"}:  # the one implicit promotion TensorRT-LLM does
+    if {left.dtype, right.dtype} == set(_INTS):
         left, right = cast(left, "int64"), cast(right, "int64")
     if left.dtype != right.dtype:
         raise TypeError(f"{op}: operand dtypes differ ({left.dtype} vs {right.dtype}); "
                         "a strongly typed TensorRT network rejects this: cast first")
+    if left.dtype not in accepted:
+        # TensorRT refuses bool arithmetic and non-bool logic; other gaps (int8, integer POW) are unmirrored.
+        refused = left.dtype == "bool" or accepted == ("bool",)
+        raise (TypeError if refused else NotImplementedError)(
+            f"{op}: TensorRT's elementwise layer takes {list(accepted)} for it, not {left.dtype}")
     shape = _broadcast_shape(left.shape, right.shape, op=op)
-    dtype = "bool" if op == "gt" else left.dtype
-    value = _fold(left.known(), right.known(), fold) if fold and dtype in ("int32", "int64") else None
-    if onnx_op == "Pow" and dtype not in _FLOATS:
-        raise NotImplementedError(f"pow on {dtype} is not mirrored")
+    dtype = "bool" if op in _BOOL_RESULT else left.dtype
+    value = _fold(left.known(), right.known(), fold) if fold and dtype in _INTS else None
+    if onnx_op == "FloorDiv":
+        return _floor_div(left, right, shape, value)
     return default_net().add_node(onnx_op, [left, right], dtype, shape, value)
+
+
+def _floor_div(left: Tensor, right: Tensor, shape: tuple[int, ...], value) -> Tensor:
+    """ElementWiseOperation.FLOOR_DIV in ONNX: Floor(a / b) for floats; (a - Mod(a, b)) / b for
+    integers, where Mod takes the divisor's sign (fmod=0) so the division is exact."""
+    net = default_net()
+    if (constant := net.folded(left.dtype, shape, value)) is not None:
+        return constant
+    if left.dtype in _FLOATS:
+        quotient = net.add_node("Div", [left, right], left.dtype, shape)
+        return net.add_node("Floor", [quotient], left.dtype, shape)
+    remainder = net.add_node("Mod", [left, right], left.dtype, shape, fmod=0)
+    multiple = net.add_node("Sub", [left, remainder], left.dtype, shape)
+    return net.add_node("Div", [multiple, right], left.dtype, shape, value)
 
 
 def add(left, right): return elementwise_binary(left, right, "add")  # noqa: E704
 def sub(left, right): return elementwise_binary(left, right, "sub")  # noqa: E704
 def mul(left, right): return elementwise_binary(left, right, "mul")  # noqa: E704
 def div(left, right): return elementwise_binary(left, right, "div")  # noqa: E704
+def floordiv(left, right): return elementwise_binary(left, right, "floordiv")  # noqa: E704
 def pow(left, right): return elementwise_binary(left, right, "pow")  # noqa: E704,A001
 def gt(left, right): return elementwise_binary(left, right, "gt")  # noqa: E704
+def lt(left, right): return elementwise_binary(left, right, "lt")  # noqa: E704
+def eq(left, right): return elementwise_binary(left, right, "eq")  # noqa: E704
+def op_or(left, right): return elementwise_binary(left, right, "op_or")  # noqa: E704
+def op_xor(left, right): return elementwise_binary(left, right, "op_xor")  # noqa: E704
+
+
+def modulo(x: Tensor, y) -> Tensor:
+    """Mirrors functional.modulo: x - (x // y) * y (TensorRT has no modulo layer)."""
+    return x - (x // y) * y
 
 
 # ---------------------------------------------------------------- the vocabulary
@@ -446,7 +599,7 @@ def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
     else:
         dims = list(shape)
         shape_tensor = _as_shape_tensor(dims)
-    if sum(1 for d in dims if d == -1) > 1:
+    if dims.count(-1) > 1:
         raise ValueError(f"view: more than one inferred (-1) dimension in {dims}")
     out = []
     for i, d in enumerate(dims):
@@ -459,6 +612,8 @@ def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
     if -1 in out and out.count(-1) == 1 and -1 not in input.shape and dims.count(-1) == 1:
         known = math.prod(d for d in out if d != -1)
         out[out.index(-1)] = math.prod(input.shape) // known if known else -1
+    if -1 not in out and -1 not in input.shape and math.prod(out) != math.prod(input.shape):
+        raise ValueError(f"view: {list(input.shape)} has {math.prod(input.shape)} elements, {out} has {math.prod(out)}")
     array = default_net().constant_value(input)
     if array is not None and -1 not in out:
         return default_net().fold(input, array.reshape(out), "reshape")
@@ -471,7 +626,7 @@ def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
 
 def permute(input: Tensor, dims: Sequence[int]) -> Tensor:
     """Mirrors functional.permute (IShuffleLayer second_transpose)."""
-    dims = [d % input.ndim() for d in dims]
+    dims = [_resolve_dim(d, input.ndim(), "permute") for d in dims]
     if sorted(dims) != list(range(input.ndim())):
         raise ValueError(f"permute: {dims} is not a permutation of {input.ndim()} dims")
     array = default_net().constant_value(input)
@@ -495,33 +650,37 @@ def shape(input: Tensor, dim: int | None = None, cast_to_dtype=None, clip_before
     full = default_net().add_node("Shape", [input], "int64", (input.ndim(),), known)
     if dim is None:
         return full
+    dim = _resolve_dim(dim, input.ndim(), "shape")
     index = constant(np.asarray(dim, dtype=np.int64))
     return default_net().add_node("Gather", [full, index], "int64", (), [known[dim]], axis=0)
 
 
 def concat(inputs: Sequence, dim: int = 0) -> Tensor:
-    """Mirrors functional.concat: Python ints become constants (int64 if any input is int64); 0-d inputs become [1]."""
+    """Mirrors functional.concat (IConcatenationLayer): constants_to_tensors_ turns Python ints into
+    constants, 0-d inputs become [1]; the layer takes one dtype, so an int32 Tensor beside int64 is refused."""
     if not inputs:
-        raise ValueError("concat of nothing")
-    to_int64 = any(isinstance(t, Tensor) and t.dtype == "int64" for t in inputs)
-    tensors = []
-    for t in inputs:
-        if not isinstance(t, Tensor):
-            t = constant_to_tensor_(t, "int64" if to_int64 else None)
-        elif to_int64 and t.dtype == "int32":
-            t = cast(t, "int64")
-        tensors.append(t.view([1]) if t.rank() == 0 else t)
-    dtypes = {t.dtype for t in tensors}
+        raise ValueError("concat of nothing: TensorRT-LLM asserts at least one input")
+    tensors = [t.view([1]) if t.rank() == 0 else t for t in constants_to_tensors_(*inputs)]
+    dtypes = sorted({t.dtype for t in tensors})
     if len(dtypes) > 1:
-        raise TypeError(f"concat: inputs have different dtypes {sorted(dtypes)}")
-    axis = dim % tensors[0].ndim()
-    shape_out = list(tensors[0].shape)
+        raise TypeError(f"concat: inputs have dtypes {dtypes}; TensorRT concatenates one dtype "
+                        "(TensorRT-LLM promotes Python ints only): cast first")
+    ndim = tensors[0].ndim()
+    axis = _resolve_dim(dim, ndim, "concat")
+    if any(t.ndim() != ndim for t in tensors):
+        raise ValueError(f"concat: ranks differ: {[list(t.shape) for t in tensors]}")
+    shape_out = []
+    for i, sizes in enumerate(zip(*(t.shape for t in tensors))):
+        static = {d for d in sizes if d != -1}
+        if i == axis:
+            shape_out.append(-1 if -1 in sizes else builtins.sum(sizes))
+        elif len(static) > 1:
+            raise ValueError(f"concat: shapes {[list(t.shape) for t in tensors]} differ outside dim {axis}")
+        else:
+            shape_out.append(static.pop() if static else -1)
     sizes = [t.shape[axis] for t in tensors]
-    shape_out[axis] = -1 if -1 in sizes else sum(sizes)
     value = None
-    if tensors[0].ndim() == 1 and all(t.known() is not None for t in tensors):
-        value = [v for t in tensors for v in t.known()]
-    elif tensors[0].ndim() == 1 and tensors[0].dtype in ("int32", "int64") and -1 not in sizes:
+    if ndim == 1 and tensors[0].dtype in _INTS and -1 not in sizes:
         value = [v for t in tensors for v in (t.known() or [None] * t.shape[0])]
     return default_net().add_node("Concat", tensors, tensors[0].dtype, shape_out, value, axis=axis)
 
@@ -532,7 +691,10 @@ def expand_dims(input: Tensor, dim, shape_cast_dtype=None) -> Tensor:
         raise NotImplementedError("expand_dims(shape_cast_dtype=) is not mirrored")
     dims = [dim] if isinstance(dim, int) else list(dim)
     out_ndim = input.ndim() + len(dims)
-    dims = [d % out_ndim for d in dims]
+    if any(not 0 <= d < out_ndim for d in dims):
+        # TensorRT-LLM tests `i in dim` for i in range(out_ndim): another value inserts no axis and
+        # gathers past the end of the input's shape.
+        raise ValueError(f"expand_dims: dims {dims} must lie in [0, {out_ndim})")
     input_shape = shape(input)
     out_shapes, j = [], 0
     for i in range(out_ndim):
@@ -550,7 +712,7 @@ def gather(input: Tensor, dim: int, indices) -> Tensor:
         indices = constant(np.asarray([indices], dtype=np.int32))
     if input.rank() != indices.rank():
         raise ValueError("gather: input and indices must have the same rank")
-    dim = dim % input.ndim()
+    dim = _resolve_dim(dim, input.ndim(), "gather")
     value = None
     if input.known() is not None and indices.known() is not None and input.ndim() == 1:
         value = [input.known()[int(i)] for i in indices.known()]
@@ -615,7 +777,7 @@ def split(tensor: Tensor, split_size_or_sections, dim: int = 0) -> list[Tensor]:
     """Mirrors functional.split: the split dim must be static; other dims may be dynamic."""
     if tensor.is_dynamic(dim):
         raise ValueError(f"split: dim {dim} of {list(tensor.shape)} is dynamic; TensorRT-LLM asserts it is static")
-    dim = dim % tensor.ndim()
+    dim = _resolve_dim(dim, tensor.ndim(), "split")
     total = tensor.shape[dim]
     if isinstance(split_size_or_sections, int):
         if total % split_size_or_sections:
@@ -623,7 +785,7 @@ def split(tensor: Tensor, split_size_or_sections, dim: int = 0) -> list[Tensor]:
         sections = [split_size_or_sections] * (total // split_size_or_sections)
     else:
         sections = list(split_size_or_sections)
-        if sum(sections) != total:
+        if builtins.sum(sections) != total:
             raise ValueError(f"split: sections {sections} do not sum to {total}")
     outputs, start = [], 0
     for size in sections:
@@ -635,8 +797,62 @@ def split(tensor: Tensor, split_size_or_sections, dim: int = 0) -> list[Tensor]:
     return outputs
 
 
-def _unary(op: str, input: Tensor) -> Tensor:
-    if input.dtype not in _FLOATS:
+def unbind(input: Tensor, dim: int = 0) -> list[Tensor]:
+    """Mirrors functional.unbind: split into size-1 slices, each viewed to the input's build-time shape
+    without ``dim`` (a static view: more than one dynamic dim fails, as in TensorRT-LLM)."""
+    output_shape = [input.shape[i] for i in range(input.ndim()) if i != dim]
+    return [output.view(output_shape) for output in split(input, 1, dim)]
+
+
+def repeat(input: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Mirrors functional.repeat: concatenates ``sizes[k]`` copies along each dim k, from the last."""
+    if input.ndim() > len(sizes):
+        raise ValueError(f"repeat: {len(sizes)} sizes for a rank-{input.ndim()} tensor")
+    repeated = input
+    for k in range(-1, -len(sizes) - 1, -1):
+        repeated = concat([repeated] * sizes[k], dim=k)
+    return repeated
+
+
+def select(input: Tensor, dim: int, index) -> Tensor:
+    """Mirrors functional.select: IGatherLayer of one index (an int becomes an int32 [1] constant), then a
+    view without ``dim``."""
+    if isinstance(index, int):
+        index = constant(np.array([index], dtype=np.int32))
+    if index.rank() != 1 or index.size(0) != 1:
+        raise ValueError(f"select: index has shape {list(index.shape)}; TensorRT-LLM asserts [1]")
+    if dim < 0:
+        raise NotImplementedError("select with a negative dim: TensorRT-LLM keeps every dim in its view")
+    new_shape = [shape(input, i) for i in range(input.rank()) if i != dim]
+    gathered_shape = tuple(1 if i == dim else s for i, s in enumerate(input.shape))
+    gathered = default_net().add_node("Gather", [input, index], input.dtype, gathered_shape, axis=dim)
+    return gathered.view(concat(new_shape))
+
+
+def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """Mirrors functional.flatten: a static view whose flattened dim is the product of build-time sizes."""
+    ndim = input.ndim()
+    start_dim, end_dim = (d + ndim if d < 0 else d for d in (start_dim, end_dim))
+    flattened = input.shape[start_dim:end_dim + 1]
+    if -1 in flattened:
+        raise NotImplementedError(f"flatten of dynamic dims {list(flattened)}: TensorRT-LLM would multiply "
+                                  "their -1 into the view")
+    new_shape = [*input.shape[:start_dim], *([math.prod(flattened)] if flattened else []),
+                 *input.shape[end_dim + 1:]]
+    return view(input, new_shape)
+
+
+def squeeze(input: Tensor, dim=None, zero_is_placeholder: bool = False) -> Tensor:
+    """Mirrors functional.squeeze: drops the dims in ``dim`` (all by default) whose build-time size is 1
+    (a dynamic dim stays), viewing to the remaining shape() entries."""
+    dims = range(input.ndim()) if dim is None else [dim] if isinstance(dim, int) else dim
+    dims = [d + input.ndim() if d < 0 else d for d in dims]
+    new_shape = [shape(input, i) for i, s in enumerate(input.shape) if not (s == 1 and i in dims)]
+    return input.view(concat(new_shape) if new_shape else [], zero_is_placeholder=zero_is_placeholder)
+
+
+def _unary(op: str, input: Tensor, accepted: Sequence[str] = _FLOATS) -> Tensor:
+    if input.dtype not in accepted:
         raise NotImplementedError(f"{op} on {input.dtype} is not mirrored")
     return default_net().add_node(op, [input], input.dtype, input.shape)
 
@@ -644,6 +860,21 @@ def _unary(op: str, input: Tensor) -> Tensor:
 def sqrt(input: Tensor) -> Tensor:
     """Mirrors functional.sqrt (IUnaryLayer SQRT)."""
     return _unary("Sqrt", input)
+
+
+def exp(input: Tensor) -> Tensor:
+    """Mirrors functional.exp (IUnaryLayer EXP)."""
+    return _unary("Exp", input)
+
+
+def log(input: Tensor) -> Tensor:
+    """Mirrors functional.log (IUnaryLayer LOG)."""
+    return _unary("Log", input)
+
+
+def abs(input: Tensor) -> Tensor:  # noqa: A001
+    """Mirrors functional.abs (IUnaryLayer ABS, which takes integers too)."""
+    return _unary("Abs", input, _ARITHMETIC)
 
 
 def sigmoid(input: Tensor) -> Tensor:
@@ -658,18 +889,35 @@ def silu(input: Tensor) -> Tensor:
 
 def softmax(input: Tensor, dim: int | None = None) -> Tensor:
     """Mirrors functional.softmax (ISoftMaxLayer): default dim is the last; no dtype upcast."""
-    dim = input.ndim() - 1 if dim is None else dim % input.ndim()
+    dim = input.ndim() - 1 if dim is None else _resolve_dim(dim, input.ndim(), "softmax")
     if input.dtype not in _FLOATS:
         raise NotImplementedError(f"softmax on {input.dtype} is not mirrored")
     return default_net().add_node("Softmax", [input], input.dtype, input.shape, axis=dim)
 
 
-def mean(input: Tensor, dim, keepdim: bool = False) -> Tensor:
-    """Mirrors functional.mean (IReduceLayer AVG)."""
-    dims = sorted(d % input.ndim() for d in ([dim] if isinstance(dim, int) else dim))
+def _reduce(op: str, input: Tensor, dim, keepdim: bool, accepted: Sequence[str]) -> Tensor:
+    """Mirrors functional.reduce (IReduceLayer over ``dim``, an int or a tuple)."""
+    if input.dtype not in accepted:
+        raise NotImplementedError(f"{op} on {input.dtype} is not mirrored")
+    dims = sorted(_resolve_dim(d, input.ndim(), op) for d in ([dim] if isinstance(dim, int) else dim))
     out = [1 if i in dims else s for i, s in enumerate(input.shape) if keepdim or i not in dims]
     axes = _as_shape_tensor(dims)
-    return default_net().add_node("ReduceMean", [input, axes], input.dtype, out, keepdims=int(keepdim))
+    return default_net().add_node(op, [input, axes], input.dtype, out, keepdims=int(keepdim))
+
+
+def mean(input: Tensor, dim, keepdim: bool = False) -> Tensor:
+    """Mirrors functional.mean (IReduceLayer AVG)."""
+    return _reduce("ReduceMean", input, dim, keepdim, _FLOATS)
+
+
+def max(input: Tensor, dim, keepdim: bool = False) -> Tensor:  # noqa: A001
+    """Mirrors functional.max (IReduceLayer MAX)."""
+    return _reduce("ReduceMax", input, dim, keepdim, _ARITHMETIC)
+
+
+def sum(input: Tensor, dim, keepdim: bool = False) -> Tensor:  # noqa: A001
+    """Mirrors functional.sum (IReduceLayer SUM)."""
+    return _reduce("ReduceSum", input, dim, keepdim, _ARITHMETIC)
 
 
 def rms_norm(input: Tensor, normalized_shape, num_groups: int = 1, weight: Tensor | None = None,
@@ -693,37 +941,54 @@ def rms_norm(input: Tensor, normalized_shape, num_groups: int = 1, weight: Tenso
 
 
 def where(condition, left, right) -> Tensor:
-    """Mirrors functional.where (ISelectLayer): scalar branches become int32/fp32 constants, never the other branch's dtype."""
+    """Mirrors functional.where (ISelectLayer): a bool condition becomes a constant, the branches go
+    through constants_to_tensors_ (so 0 beside an int64 Tensor is int64, 0.0 is always fp32), then each
+    is padded to the largest rank; the layer takes a bool condition and branches of one dtype."""
     condition = constant_to_tensor_(condition)
-    left, right = (constant_to_tensor_(t) for t in (left, right))
+    left, right = constants_to_tensors_(left, right)
+    largest = condition
+    if largest.rank() < left.rank():
+        largest = left
+    if largest.rank() < right.rank():
+        largest = right
+    condition, left, right = (t if t is largest else expand_dims_like(t, largest) for t in (condition, left, right))
+    if condition.dtype != "bool":
+        raise TypeError(f"where: the condition is {condition.dtype}; TensorRT's select layer takes bool")
     if left.dtype != right.dtype:
-        raise TypeError(f"where: branch dtypes differ ({left.dtype} vs {right.dtype})")
-    rank = max(t.rank() for t in (condition, left, right))
-    condition, left, right = (expand_dims(t, list(range(rank - t.rank()))) if t.rank() < rank else t
-                              for t in (condition, left, right))
+        raise TypeError(f"where: branch dtypes differ ({left.dtype} vs {right.dtype}); "
+                        "a strongly typed TensorRT network rejects this: cast first")
     shape_out = _broadcast_shape(condition.shape, left.shape, right.shape, op="where")
     return default_net().add_node("Where", [condition, left, right], left.dtype, shape_out)
 
 
 def arange(start, end, dtype: str) -> Tensor:
-    """Mirrors functional.arange (IFillLayer LINSPACE, step 1): ints, or 0-d integer Tensors."""
-    dtype = _dtype_name(dtype)
+    """Mirrors functional.arange (IFillLayer LINSPACE, step 1): from ints (constants of the result's
+    integer type) or from integer Tensors, a 0-d start and a one-element end; of an int32 and an int64
+    Tensor, TensorRT-LLM casts one to int32 for an int32 result, else to int64."""
+    res_dtype = _dtype_name(dtype)
+    int_dtype = "int32" if res_dtype == "int32" else "int64"
     if isinstance(start, int):
         if not isinstance(end, int):
-            raise TypeError("arange: start and end must both be ints or both be Tensors")
-        int_dtype = "int32" if dtype == "int32" else "int64"
-        start = constant(np.asarray(start, dtype=_numpy_dtype(int_dtype)))
-        end = constant(np.asarray(end, dtype=_numpy_dtype(int_dtype)))
-    elif not isinstance(end, Tensor) or start.dtype not in ("int32", "int64") or start.rank() != 0:
-        raise TypeError("arange: Tensor start and end must be 0-d integer tensors")
-    if {start.dtype, end.dtype} == {"int32", "int64"}:
-        start, end = cast(start, "int64"), cast(end, "int64")
+            raise TypeError("arange: an int start needs an int end")
+        start, end = (constant(np.asarray(v, dtype=_numpy_dtype(int_dtype))) for v in (start, end))
+    elif isinstance(start, Tensor):
+        if not isinstance(end, Tensor) or start.dtype not in _INTS or end.dtype not in _INTS:
+            raise TypeError("arange: Tensor start and end must both be int32 or int64 Tensors")
+        if start.dtype != end.dtype:
+            start, end = cast(start, int_dtype), cast(end, int_dtype)
+    else:
+        raise TypeError(f"arange: {type(start).__name__} start is not supported")
+    if start.rank() != 0:
+        raise ValueError(f"arange: start has shape {list(start.shape)}; the fill layer's start is a scalar")
+    if -1 not in end.shape and math.prod(end.shape) != 1:
+        raise ValueError(f"arange: end has shape {list(end.shape)}; TensorRT-LLM views end - start as [1]")
+    limit = end if end.rank() == 0 else end.view([])  # ONNX Range takes scalars
     step = constant(np.asarray(1, dtype=_numpy_dtype(start.dtype)))
-    count = _fold(end.known(), start.known(), lambda a, b: a - b)
+    count = _fold(limit.known(), start.known(), operator.sub)
     length = -1 if count is None or count[0] is None else int(count[0])
-    value = None if length == -1 else [int(start.known()[0]) + i for i in range(length)] if length <= 16 else None
-    tensor = default_net().add_node("Range", [start, end, step], start.dtype, (length,), value)
-    return cast(tensor, dtype)
+    value = None if length == -1 or length > 16 else [int(start.known()[0]) + i for i in range(length)]
+    tensor = default_net().add_node("Range", [start, limit, step], start.dtype, (length,), value)
+    return cast(tensor, res_dtype)
 
 
 def embedding(input: Tensor, weight: Tensor, tp_size: int = 1, tp_group=None, sharding_dim: int = 0,
