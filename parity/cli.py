@@ -419,7 +419,7 @@ def locate_command(args: argparse.Namespace) -> int:
     print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}{layout}, {args.dtype}")
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
-    print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |tap|) or <= rtol "
+    print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "
           f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
     reports = []
     for check in checks:

@@ -2,9 +2,10 @@
 
 polygraphy decides pass/fail with SimpleCompareFunc's ``elemwise`` check: an element fails only
 if its absolute error exceeds atol *and* its relative error exceeds rtol, i.e. it passes when
-``|c - g| <= atol_tap`` or ``|c - g| <= rtol * |g|`` (g golden, c candidate; a NaN error fails;
-not numpy's ``atol + rtol * |g|``), and a tap passes when every element does. ``atol_tap`` is the
-dtype's atol times ``max(1, max |g|)`` over the tap (``tap_atol``). polygraphy also computes the
+``|c - g| <= atol_row`` or ``|c - g| <= rtol * |g|`` (g golden, c candidate; a NaN error fails;
+not numpy's ``atol + rtol * |g|``), and a tap passes when every element does. ``atol_row`` is the
+dtype's atol times ``max(1, max |g|)`` over the element's row, the tap's last axis (``row_scale``).
+polygraphy also computes the
 error statistics and cosine similarity; this module adds what polygraphy lacks: tap ordering, the
 first diverging tap, and a readable table.
 """
@@ -32,7 +33,7 @@ class Tolerance:
     why: str
 
 
-# Per dtype of the compared run, for taps of magnitude up to 1 (see tap_atol for larger ones).
+# Per dtype of the compared run, for rows of magnitude up to 1 (see row_scale for larger ones).
 # Weights keep activations O(1) (reference.modeling.init_random_weights). "Measured" is the worst
 # max |candidate - golden| / max(1, max |golden|) (the atol needed at rtol 0) of the onnx backend
 # against the reference in the same dtype, by benchmarks/bench_fp16_error.py: every tap of rmsnorm,
@@ -58,7 +59,7 @@ class TapResult:
     cosine: float
     passed: bool
     note: str = ""
-    atol: float = float("nan")  # the absolute tolerance this tap was judged at (tap_atol)
+    atol: float = float("nan")  # the loosest absolute tolerance in the tap: its largest row's (tap_atol)
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -68,15 +69,22 @@ def _to_numpy(tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
-def tap_atol(tolerance: Tolerance, golden: np.ndarray) -> float:
-    """atol in units of the tap's largest magnitude (at least 1).
+def row_scale(golden: np.ndarray) -> np.ndarray:
+    """The unit of atol for each row (last axis) of a tap: ``max(1, max |row|)``.
 
     Rounding error of a sum or dot product scales with the magnitude of what was summed, not
-    with each result: fp16 attention scores of size 10 carry errors of 1e-2 at entries near 0,
-    where an elementwise rtol cannot help.
+    with each result (fp16 attention scores of size 10 carry errors of 1e-2 at entries near 0,
+    where an elementwise rtol cannot help); a row is one token's vector (one query's scores), so
+    its own magnitude sets its unit, and an outlier token (RMS in the hundreds) loosens no other.
     """
-    magnitude = float(np.abs(golden).max()) if golden.size else 0.0
-    return tolerance.atol * max(1.0, magnitude)
+    if golden.ndim == 0 or golden.size == 0:
+        return np.ones((1,) * golden.ndim, dtype=np.float32)
+    return np.maximum(1.0, np.abs(golden).max(axis=-1, keepdims=True))
+
+
+def tap_atol(tolerance: Tolerance, golden: np.ndarray) -> float:
+    """The atol of the tap's largest row: the loosest any element of it is judged at."""
+    return tolerance.atol * float(row_scale(golden).max(initial=1.0))
 
 
 def compare_taps(
@@ -90,11 +98,17 @@ def compare_taps(
     comparable = [n for n in golden_np if golden_np[n].shape == candidate_np[n].shape]
     candidate_run = IterationResult({n: candidate_np[n] for n in comparable}, runner_name="candidate")
     golden_run = IterationResult({n: golden_np[n] for n in comparable}, runner_name="golden")
+    # Dividing both sides by each row's scale turns polygraphy's one atol per tap into atol x
+    # row_scale per row, and leaves relative errors as they are.
+    scales = {n: row_scale(golden_np[n]) for n in comparable}
+    candidate_scaled = IterationResult({n: candidate_np[n] / scales[n] for n in comparable}, runner_name="candidate")
+    golden_scaled = IterationResult({n: golden_np[n] / scales[n] for n in comparable}, runner_name="golden")
     with quiet_polygraphy():
-        atol = {n: tap_atol(tolerance, golden_np[n]) for n in comparable}
-        verdicts = SimpleCompareFunc(atol=atol, rtol=tolerance.rtol)(candidate_run, golden_run)
-        # Reported, never judged: a threshold of -1 always passes.
+        verdicts = SimpleCompareFunc(atol=tolerance.atol, rtol=tolerance.rtol)(candidate_scaled, golden_scaled)
+        # Reported, never judged: infinite tolerances and a cosine threshold of -1 always pass.
+        errors = SimpleCompareFunc(atol=np.inf, rtol=np.inf)(candidate_run, golden_run)
         cosines = CosineSimilarityCompareFunc(cosine_similarity_threshold=-1.0)(candidate_run, golden_run)
+    del candidate_scaled, golden_scaled
     results = []
     for name in names:
         if name not in candidate:
@@ -104,10 +118,10 @@ def compare_taps(
         if g.shape != c.shape:
             results.append(TapResult(name, g.shape, *(float("nan"),) * 4, False, f"shape {list(c.shape)}"))
             continue
-        verdict = verdicts[name]
+        error = errors[name]
         results.append(TapResult(
-            name, g.shape, float(verdict.max_absdiff), float(verdict.max_reldiff), float(verdict.mean_absdiff),
-            cosines[name].cosine_similarity, bool(verdict), atol=atol[name],
+            name, g.shape, float(error.max_absdiff), float(error.max_reldiff), float(error.mean_absdiff),
+            cosines[name].cosine_similarity, bool(verdicts[name]), atol=tolerance.atol * float(scales[name].max()),
         ))
     return results
 

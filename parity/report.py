@@ -38,9 +38,9 @@ def to_json(report: LocateReport, model: str) -> dict:
         "shape": {"batch": check.shape.batch, "seq_len": check.shape.seq_len, "past_len": check.shape.past_len,
                   "seed": check.shape.seed},
         "inject": report.bug,
-        "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "atol_scaled_by_tap_magnitude": True,
-                      "element_passes_if": "abs_error <= atol * max(1, max|golden tap|) or abs_error <= rtol * "
-                                           "|golden|"},
+        "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "atol_scaled_by_row_magnitude": True,
+                      "element_passes_if": "abs_error <= atol * max(1, max|golden row|) or abs_error <= rtol * "
+                                           "|golden| (row: the tap's last axis)"},
         "taps": [_tap(r) for r in check.results],
         "outputs_only": None if report.outputs_only is None else [_tap(r) for r in report.outputs_only],
         "layer_detail": None if report.layer_detail is None else {
