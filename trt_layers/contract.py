@@ -1,4 +1,4 @@
-"""The TensorRT-LLM 1.2.1 / TensorRT 10.13 API the project calls, as facts, and a checker of every call.
+"""The TensorRT-LLM 1.2.1 / TensorRT 10.14 API the project calls, as facts, and a checker of every call.
 
 No TensorRT exists where CI runs, so nothing executes ``network.py``'s, ``fast_path.py``'s or
 the engine tests' calls into TensorRT-LLM there. ``API`` holds what those calls rely on,
@@ -19,8 +19,9 @@ members, so the checker errs towards failing. Types, values and calls made throu
 path's option names as data).
 
 The GitHub index reachable here stores each file of NVIDIA/TensorRT-LLM at one commit, not
-all at the 1.2.1 tag (its ``requirements.txt`` at 000867d9 pins ``tensorrt~=10.13.3``, the 1.2
-line); the entries below are the signatures as read, which the 1.x line kept.
+all at the 1.2.1 tag (its ``requirements.txt`` at 000867d9, which pins ``tensorrt~=10.13.3``, lies
+between the 1.1 and 1.2 releases; 1.2.1's package metadata requires ``tensorrt~=10.14.1``); the
+entries below are the signatures as read, which the 1.x line kept.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ COMMANDS_BUILD = f"{TRTLLM} tensorrt_llm/commands/build.py@008b2b8d23af"
 RUNTIME = f"{TRTLLM} tensorrt_llm/runtime/__init__.py@06c0e9b1ec38"
 MODEL_RUNNER = f"{TRTLLM} tensorrt_llm/runtime/model_runner.py@0243026ffeb3"
 GENERATION = f"{TRTLLM} tensorrt_llm/runtime/generation.py@2340c776201e"
-TENSORRT = "TensorRT 10.13 Python API (IBuilderConfig.clear_flag, BuilderFlag.TF32), docs.nvidia.com"
+TENSORRT = "TensorRT 10.13/10.14 Python API (IBuilderConfig.clear_flag, BuilderFlag.TF32), docs.nvidia.com"
 POLYGRAPHY = "polygraphy 0.53.6 backend/trt/{runner,loader}.py (the installed wheel; tests compare)"
 
 

@@ -7,7 +7,7 @@ the ONNX lowering (``lowering.py``), which mirrors the same functions op by op. 
 outside this vocabulary raises, so the port cannot quietly grow a dependency that the
 lowering (or a reviewer) has not seen.
 
-Target: TensorRT-LLM 1.2.1 (TensorRT 10.13), whose ``tensorrt_llm.functional`` still holds the
+Target: TensorRT-LLM 1.2.1 (TensorRT 10.14), whose ``tensorrt_llm.functional`` still holds the
 TensorRT backend's graph-building API (``Builder``, ``net_guard``, ``Tensor.mark_output``).
 """
 
