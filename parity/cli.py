@@ -1,7 +1,8 @@
 """Command line of the parity suite: ``python -m parity {locate,export,list-bugs,build,generate,report}``.
 
 Exit status: 0 when every tap passes, 1 when something diverges (a candidate that fails to build or
-run included), 2 on bad usage or input. Every argument and output path is checked before any model
+run included), 2 on bad usage or input, 3 when the suite itself fails (an internal error: no verdict,
+never reported as a divergence). Every argument and output path is checked before any model
 is built (``validate``); a usage error is one line on stderr and leaves the disk as it was.
 """
 
@@ -33,7 +34,7 @@ from .export import SOURCES, export
 from .locate import LocateReport, load_model_as, locate, model_config, plan_checks, refuse_unshowable, summary
 from .report import write_json, write_markdown, write_plot
 
-DIVERGED, USAGE_ERROR = 1, 2
+DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's limit
 
 
@@ -533,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DIVERGED: {_one_line(e)}")
         return DIVERGED
     except Exception as e:  # a fault of this suite, not a verdict on the port: one line, never a traceback
-        print(f"error: {type(e).__name__}: {_one_line(e)} (an internal error of the parity suite)", file=sys.stderr)
-        return DIVERGED
+        print(f"error: {type(e).__name__}: {_one_line(e)} (an internal error of the parity suite, not a verdict; "
+              "please report it)", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`python -m parity`: the exit-code contract of every subcommand (0 pass, 1 diverges, 2 bad usage
-or input), validation before any model is built, and the reports."""
+or input, 3 a fault of the suite), validation before any model is built, and the reports."""
 
 import json
 import re
@@ -266,3 +266,13 @@ def test_fp16_where_onnxruntime_cannot_round_per_op_is_bad_usage(tmp_path, capsy
     assert main(argv) == 2
     assert capsys.readouterr().err == "error: fp16 on the onnx backend: onnxruntime 1.16 folds fp16 casts\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fault_of_the_suite_is_neither_a_verdict_nor_a_usage_error(monkeypatch, capsys):
+    def crash(args):
+        raise RuntimeError("a bug in the suite")
+
+    monkeypatch.setitem(cli.COMMANDS, "list-bugs", crash)
+    assert main(["list-bugs"]) == 3
+    out, err = capsys.readouterr()
+    assert "DIVERGED" not in out and err.count("\n") == 1 and "internal error" in err
