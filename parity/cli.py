@@ -35,6 +35,7 @@ from .locate import LocateReport, load_model_as, locate, model_config, plan_chec
 from .report import write_json, write_markdown, write_plot
 
 DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's limit
 
 
@@ -185,6 +186,9 @@ def _check_output_file(option: str, path: str, suffix: str | None = None) -> Non
         raise UsageError(f"{option} {path}: is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"{option} {path}: no directory {target.parent}")
+    # A report is a file on disk: not a device, a pipe or a kernel interface (/proc files look regular).
+    if target.exists() and not target.is_file() or target.resolve().parts[1:2] in (("proc",), ("sys",), ("dev",)):
+        raise UsageError(f"{option} {path}: not a regular file on disk")
     try:
         if target.exists():
             os.close(os.open(target, os.O_WRONLY))
@@ -203,15 +207,22 @@ def _staging_dir(out: Path) -> Path:
     return _existing_ancestor(out.parent) / f".{out.name}.partial-{os.getpid()}"
 
 
-def _check_output_dir(path: str, force: bool) -> None:
-    """``--out`` can become a folder of fresh files (see ``_staged``)."""
-    out = Path(path).absolute()
+def _check_output_dir(path: str, force: bool, model: str | None) -> None:
+    """``--out`` can become a folder of fresh files (see ``_staged``); ``--force`` deletes only a
+    folder that holds neither the current directory nor the ``--model`` checkpoint."""
+    if Path(path).is_symlink():
+        raise UsageError(f"--out {path}: is a symbolic link; give the folder it points to")
+    out = Path(path).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {path}: is a file, not a folder")
+    if model is not None and Path(model).is_dir():
+        checkpoint = Path(model).resolve()
+        if checkpoint.is_relative_to(out) or out.is_relative_to(checkpoint):
+            raise UsageError(f"--out {path}: would write into the --model checkpoint {model}; choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {path}: folder is not empty (--force replaces it)")
-        if Path.cwd().is_relative_to(out):
+        if Path.cwd().resolve().is_relative_to(out):
             raise UsageError(f"--out {path}: --force would delete the current directory")
     if not _existing_ancestor(out.parent).is_dir():
         raise UsageError(f"--out {path}: {_existing_ancestor(out.parent)} is not a folder")
@@ -227,7 +238,7 @@ def _check_output_dir(path: str, force: bool) -> None:
 def _staged(path: str) -> Iterator[Path]:
     """A fresh folder that becomes ``path`` once the body succeeds (replacing what was there, which
     ``_check_output_dir`` allowed); if the body fails, nothing it wrote is left behind."""
-    out = Path(path).absolute()
+    out = Path(path).resolve()
     staging = _staging_dir(out)
     staging.mkdir()
     try:
@@ -290,7 +301,10 @@ def _load_tokenizer(directory: str):
 def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     # Handed to locate_command: the checks to run (phases and cache lengths checked).
     args.checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
-    _check_context(args.seq_len + max(check.shape.past_len for check in args.checks), "--past-len + --seq-len", config)
+    most_cached = max(check.shape.past_len for check in args.checks)
+    what = ("--seq-len" if most_cached == 0 else "--past-len + --seq-len" if args.past_len is not None
+            else f"--seq-len + the decode checks' {most_cached} cached tokens (--past-len)")
+    _check_context(args.seq_len + most_cached, what, config)
     if args.inject:
         refuse_unshowable(BUGS[args.inject], args.checks, config)
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
@@ -344,7 +358,7 @@ def validate(args: argparse.Namespace) -> None:
     if "seq_len" in args and args.command != "locate":  # locate plans its cache lengths: _validate_locate
         _check_context(args.past_len + args.seq_len, "--past-len + --seq-len", config)
     if "out" in args:
-        _check_output_dir(args.out, args.force)
+        _check_output_dir(args.out, args.force, args.model)
     if (command_checks := COMMAND_CHECKS.get(args.command)) is not None:
         command_checks(args, config)
 
@@ -533,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     except CandidateError as e:
         print(f"DIVERGED: {_one_line(e)}")
         return DIVERGED
+    except BrokenPipeError:  # the reader went away (`| head`): no verdict was delivered, so none is claimed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return SIGPIPE_EXIT
     except Exception as e:  # a fault of this suite, not a verdict on the port: one line, never a traceback
         print(f"error: {type(e).__name__}: {_one_line(e)} (an internal error of the parity suite, not a verdict; "
               "please report it)", file=sys.stderr)

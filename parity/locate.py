@@ -77,17 +77,21 @@ def plan_checks(component: str | None, phase: str | None, batch: int, seq_len: i
             phases = (phase,) if phase in phases or component is not None else ()
         elif component is not None:
             phases = (DECODE,) if DECODE in phases and (past_len or PREFILL not in phases) else (PREFILL,)
-        checks += [Check(name, p, CaseShape(batch, seq_len, _past_len(name, p, past_len), seed)) for p in phases]
+        checks += [Check(name, p, CaseShape(batch, seq_len, _past_len(name, p, past_len, component is None), seed))
+                   for p in phases]
     return checks
 
 
-def _past_len(component: str, phase: str, past_len: int | None) -> int:
+def _past_len(component: str, phase: str, past_len: int | None, suite: bool = False) -> int:
+    """The cache length of ``component`` in ``phase``; in the suite, ``past_len`` is the decode checks'."""
     if phase not in PHASES[component]:
         if component == "gqa_unmasked":
             raise ValueError("gqa_unmasked is the decode path; use gqa_masked for prefill")
         raise ValueError(f"{component} has no decode graph; decode components: "
                          f"{', '.join(c for c, phases in PHASES.items() if DECODE in phases)}")
     if phase == PREFILL:
+        if suite:
+            return 0
         if past_len and component == "gqa_masked":
             raise ValueError("gqa_masked is the prefill path and has no cache; use gqa_unmasked with --past-len")
         if past_len and DECODE in PHASES[component]:

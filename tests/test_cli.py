@@ -18,14 +18,15 @@ from parity.cli import main
 # checkpoint folder whose config.json is not JSON, {tokenizer} a Hugging Face tokenizer folder.
 BAD_INPUTS = [
     (["locate", "--seq-len", "257"], "tokens exceed the context of 256 positions"),
-    (["locate", "--component", "rope", "--seq-len", "257"], "--past-len + --seq-len: 257 tokens exceed the context"),
+    (["locate", "--component", "rope", "--seq-len", "257"], "--seq-len: 257 tokens exceed the context"),
     (["locate", "--component", "causal_lm", "--past-len", "252", "--seq-len", "7"], "--past-len + --seq-len: 259 tokens"),
     (["locate", "--seq-len", "100000"], "100005 tokens exceed"),  # decode checks cache 5 tokens
     (["locate", "--component", "mlp", "--seq-len", "300"], "300 tokens exceed the context of 256 positions"),
     (["locate", "--component", "gqa_unmasked", "--past-len", "250", "--seq-len", "7"], "257 tokens exceed"),
     (["locate", "--component", "rope", "--json", "{tmp}/missing/report.json"],
      "--json {tmp}/missing/report.json: no directory"),
-    (["locate", "--component", "rope", "--json", "/proc/report.json"], "--json /proc/report.json: cannot write"),
+    (["locate", "--component", "rope", "--json", "/proc/report.json"], "--json /proc/report.json: not a regular file"),
+    (["locate", "--component", "rope", "--json", "/proc/self/status"], "--json /proc/self/status: not a regular file"),
     (["locate", "--component", "rope", "--markdown", "{tmp}"], "--markdown {tmp}: is a directory"),
     (["locate", "--component", "rope", "--plot", "{tmp}/errors.pdf"], "--plot {tmp}/errors.pdf: expected a .png"),
     (["locate", "--component", "rope", "--json", "{tmp}/r", "--markdown", "{tmp}/r"], "each report needs its own path"),
@@ -169,6 +170,22 @@ def test_export_replaces_a_folder_only_with_force(tmp_path, capsys):
     assert main([*argv, "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "golden.json", "inputs.json", "model.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left
+
+
+def test_force_never_deletes_the_checkpoint_a_symlink_or_the_current_directory(tmp_path, monkeypatch, capsys):
+    from reference import DeciCoderConfig, random_model
+    from reference.checkpoint import save_pretrained
+
+    checkpoint = tmp_path / "ckpt"
+    save_pretrained(random_model(DeciCoderConfig.from_preset("tiny"), seed=0), checkpoint)
+    saved = sorted(p.name for p in checkpoint.iterdir())
+    (tmp_path / "link").symlink_to(checkpoint)
+    monkeypatch.chdir(checkpoint)
+    for out in (checkpoint, checkpoint / "export", tmp_path / "link", checkpoint / ".." / "ckpt"):
+        argv = ["export", "--component", "rmsnorm", "--model", str(checkpoint), "--out", str(out), "--force"]
+        assert main(argv) == 2, out
+        assert capsys.readouterr().err.count("\n") == 1
+    assert sorted(p.name for p in checkpoint.iterdir()) == saved
 
 
 def test_export_inject_writes_the_faulty_graph_or_refuses_a_bug_that_cannot_show(tmp_path, capsys):

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 FP16, FP32 = TensorProto.FLOAT16, TensorProto.FLOAT
 # How the onnx backend computes fp16, for its description in every report.
-EXECUTION = "fp16 rounded after every op by explicit casts"
+EXECUTION = "fp16 graphs rounded after every op by explicit casts"
 
 
 def _cast(source: str, target: str, to: int) -> onnx.NodeProto:
