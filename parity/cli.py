@@ -31,7 +31,8 @@ from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
 from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
-from .locate import LocateReport, load_model_as, locate, model_config, plan_checks, refuse_unshowable, summary
+from .locate import (DECODE, PREFILL, Check, LocateReport, load_model_as, locate, model_config, plan_checks,
+                     refuse_unshowable, summary)
 from .report import write_json, write_markdown, write_plot
 
 DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
@@ -275,14 +276,15 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, config: DeciCoderConfig) ->
         if not rows[0]:
             raise UsageError(f"--prompt {args.prompt!r}: encodes to no tokens")
     else:
-        try:
-            rows = [[int(t) for t in row.split(",") if t.strip()] for row in args.prompt_ids.split(";")]
+        try:  # int() refuses an empty id, so "1,,2" is no silent "1,2"
+            rows = [[int(t) for t in row.split(",")] if row.strip() else [] for row in args.prompt_ids.split(";")]
         except ValueError:
             raise UsageError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
         if not rows[0] or len({len(r) for r in rows}) != 1:
             raise UsageError("--prompt-ids: every row needs the same, non-zero number of tokens (no padding)")
     if not all(0 <= t < config.vocab_size for row in rows for t in row):
-        raise UsageError(f"--prompt-ids: token ids must lie in [0, {config.vocab_size})")
+        source = "--prompt-ids" if args.prompt is None else f"--prompt encoded by --tokenizer {args.tokenizer}"
+        raise UsageError(f"{source}: token ids must lie in [0, {config.vocab_size}), the model's vocabulary")
     _check_context(len(rows[0]) + args.max_new_tokens, "prompt + --max-new-tokens", config)
     return torch.tensor(rows)
 
@@ -326,15 +328,33 @@ def _validate_export(args: argparse.Namespace, config: DeciCoderConfig) -> None:
         raise UsageError("--inject: catalog bugs are injected into trt_layers; use --source lowering")
     if args.source == "lowering":  # the port runs on the onnx backend to be exported
         _candidate_backend("onnx", resolve_dtype(args.dtype))
+    if args.inject:  # export then also checks the faulty graph's taps diverge, after building it
+        phase = DECODE if args.past_len or args.component == "gqa_unmasked" else PREFILL
+        refuse_unshowable(BUGS[args.inject], [Check(args.component, phase, _shape(args))], config)
 
 
 def _validate_generate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature {args.temperature}: expected a positive number")
+    if args.top_k and args.temperature is None:
+        raise UsageError(f"--top-k {args.top_k} samples: give --temperature T too (without it decoding is greedy)")
     # Handed to generate_command, which then needs neither the tokenizer folder nor the config again.
     args.tokenizer_object = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     args.input_ids = _prompt_ids(args, args.tokenizer_object, config)
+    if args.inject:
+        _refuse_invisible_in_generation(BUGS[args.inject], args.input_ids.shape, config)
+
+
+def _refuse_invisible_in_generation(bug, prompt_shape: torch.Size, config: DeciCoderConfig) -> None:
+    """Generation compares tokens and logits: a bug that cannot change them would pass unchecked."""
+    batch, prompt_len = prompt_shape
+    steps = [Check("causal_lm", PREFILL, CaseShape(batch, prompt_len)),
+             Check("causal_lm", DECODE, CaseShape(batch, 1, prompt_len))]
+    if bug.shows.cache_only:
+        raise UsageError(f"--inject {bug.name} cannot change generated tokens or logits (it reorders the K/V cache, "
+                         f"which attention reads order-free): locate shows it in {bug.shows.describe()}")
+    refuse_unshowable(bug, steps, config)
 
 
 def _validate_build(args: argparse.Namespace, config: DeciCoderConfig) -> None:

@@ -112,12 +112,16 @@ def plot(report: LocateReport, model: str | None = None):
         ax.plot(x, [max(v, floor) for v in values], marker="o", label=label)
     # One segment per tap (a collection, not a line): the error no element may exceed where golden is 0.
     ax.hlines([r.atol for r in points], [i - 0.4 for i in x], [i + 0.4 for i in x], color="gray",
-              label="tap atol (elements also pass within rtol x |golden|)")
+              label="atol of the tap's largest row (elements also pass within rtol x |golden|)")
     if any(v == 0 for values in series.values() for v in values):
         ax.text(0.01, 0.02, f"errors of exactly 0 drawn at {floor:g}", transform=ax.transAxes, fontsize=8,
                 color="dimgray")
-    if (first := first_failure(points)) is not None:
-        ax.axvline(points.index(first), color="red", linestyle="--", label=f"first divergence: {first.name}")
+    if (first := report.first_failure) is not None:
+        # causal_lm plots one point per layer: mark the layer holding the first diverging tap.
+        layer = first.name.split(".")[0]
+        at = next((i for i, r in enumerate(points) if r.name.split(".")[0] == layer),
+                  points.index(first_failure(points) or points[-1]))
+        ax.axvline(at, color="red", linestyle="--", label=f"first divergence: {first.name}")
     ax.set_yscale("log")
     ax.set_ylabel("error vs golden (log scale)")
     ax.legend(fontsize=8)

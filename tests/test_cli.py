@@ -62,6 +62,13 @@ BAD_INPUTS = [
     (["generate", "--prompt-ids", "1,99999"], "token ids must lie in [0, 512)"),
     (["generate", "--prompt-ids", "1", "--temperature", "nan"], "--temperature nan: expected a positive number"),
     (["generate"], "one of the arguments --prompt-ids --prompt is required"),
+    (["generate", "--prompt-ids", "1,,2"], "comma-separated integers"),
+    (["generate", "--prompt-ids", "1,2", "--top-k", "5"], "--top-k 5 samples: give --temperature"),
+    (["generate", "--prompt-ids", "1,2", "--inject", "kv_append_reversed"], "cannot change generated tokens"),
+    (["generate", "--prompt-ids", "1,2", "--inject", "decode_masked"], "--inject decode_masked cannot show"),
+    (["export", "--component", "rope", "--out", "{tmp}/out", "--inject", "rope_offset_forgotten"],
+     "--inject rope_offset_forgotten cannot show in rope prefill"),
+    (["locate", "--component", "mlp", "--markdown", "/dev/full"], "--markdown /dev/full: not a regular file"),
     (["report", "--seq-len", "300"], "305 tokens exceed"),
     (["report", "--component", "no_such_component"], "--component: invalid choice"),
     (["list-bugs", "--all"], "unrecognized arguments: --all"),
@@ -201,7 +208,7 @@ def test_export_inject_writes_the_faulty_graph_or_refuses_a_bug_that_cannot_show
     refused = tmp_path / "refused"
     assert main(["export", "--component", "rmsnorm", "--inject", "rope_interleaved", "--out", str(refused)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "every tap of rmsnorm stays within tolerance" in err
+    assert err.count("\n") == 1 and "cannot show in rmsnorm" in err
     assert not refused.exists() and [p.name for p in tmp_path.iterdir()] == ["faulty"]
 
 
@@ -266,7 +273,7 @@ def test_plot_titles_its_verdict_and_draws_the_tolerance(tmp_path):
                           bug="causal_mask_missing")
     axes = plot(report, "tiny").axes[0]
     assert axes.get_title() == "tiny gqa_masked (float32): DIVERGED, injected bug causal_mask_missing"
-    assert [c.get_label() for c in axes.collections] == ["tap atol (elements also pass within rtol x |golden|)"]
+    assert [c.get_label() for c in axes.collections] == ["atol of the tap's largest row (elements also pass within rtol x |golden|)"]
     assert any("exactly 0" in t.get_text() for t in axes.texts)
 
 

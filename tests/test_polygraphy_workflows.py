@@ -120,6 +120,7 @@ def _fake_python(tmp_path: Path) -> Path:
     return fake
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; the refusals below stay in the default run
 def test_debug_reduce_as_printed_localizes_an_injected_bug_without_the_venv_on_path(tmp_path):
     """README's walk-through: export --inject, then README.txt's reduce command, run as the issue's
     user ran it: no venv on PATH, and a ``python`` there that lacks the suite. The command names its

@@ -34,6 +34,7 @@ class Shows:
     min_positions: int = 1  # past_len + seq_len: RoPE at position 0 rotates by nothing
     grouped_kv: bool = False  # 1 < KV heads < heads: MHA repeats nothing, MQA's one head tiles as it repeats
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
+    cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
     why: str = ""  # why it shows nowhere else, where that is not plain
 
     def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig) -> bool:
@@ -161,7 +162,7 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
                   "for one token, which is what the bug computes"), _DECODE),
     Bug("kv_append_reversed", "new K/V concatenated before the cache instead of after it",
         "trt_layers.modeling:append_kv", _append_before_past, "gqa_unmasked", "present_k",
-        Shows(("gqa_unmasked", *_LAYER), min_past_len=1), _DECODE),
+        Shows(("gqa_unmasked", *_LAYER), min_past_len=1, cache_only=True), _DECODE),
     Bug("mlp_gate_up_swapped", "HF gate_proj mapped to TensorRT-LLM's mlp.gate (it belongs in mlp.fc)",
         "trt_layers.weights:HF_TO_TRTLLM",
         _swapped("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "mlp", "gate",
