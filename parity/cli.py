@@ -25,7 +25,7 @@ from reference import COMPONENTS, PRESETS, CheckpointError, ConfigError, DeciCod
 from reference.inputs import CaseShape
 from trt_layers import fast_path
 from trt_layers.bugs import BUGS
-from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend
+from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend, largest_activation_bytes
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
@@ -178,6 +178,16 @@ def _check_context(tokens: int, what: str, config: DeciCoderConfig) -> None:
                          "(max_position_embeddings)")
 
 
+def _check_memory(batch: int, seq_len: int, past_len: int, config: DeciCoderConfig, dtype: str) -> None:
+    """Refuse a case whose largest activation (a layer's fp32 attention scores, or the logits)
+    could not fit this machine's memory: golden and candidate each hold it, with a copy or two."""
+    needed = 4 * largest_activation_bytes(config, Profile(batch, seq_len, past_len), resolve_dtype(dtype))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise UsageError(f"--batch {batch} --seq-len {seq_len}: its activations need about {needed / 2**30:.0f} GiB, "
+                         f"this machine has {memory / 2**30:.0f} GiB; give a smaller --batch or --seq-len")
+
+
 def _check_output_file(option: str, path: str, suffix: str | None = None) -> None:
     """``path`` can be written as a file; probed by opening it (an existing file is not truncated)."""
     target = Path(path)
@@ -307,6 +317,7 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     what = ("--seq-len" if most_cached == 0 else "--past-len + --seq-len" if args.past_len is not None
             else f"--seq-len + the decode checks' {most_cached} cached tokens (--past-len)")
     _check_context(args.seq_len + most_cached, what, config)
+    _check_memory(args.batch, args.seq_len, most_cached, config, args.dtype)
     if args.inject:
         refuse_unshowable(BUGS[args.inject], args.checks, config)
     _candidate_backend(args.backend, resolve_dtype(args.dtype))
@@ -377,6 +388,7 @@ def validate(args: argparse.Namespace) -> None:
     args.config = config = model_config(args.model, getattr(args, "kv_heads", None))
     if "seq_len" in args and args.command != "locate":  # locate plans its cache lengths: _validate_locate
         _check_context(args.past_len + args.seq_len, "--past-len + --seq-len", config)
+        _check_memory(args.batch, args.seq_len, args.past_len, config, args.dtype)
     if "out" in args:
         _check_output_dir(args.out, args.force, args.model)
     if (command_checks := COMMAND_CHECKS.get(args.command)) is not None:

@@ -37,6 +37,7 @@ BAD_INPUTS = [
     (["locate", "--kv-heads", "3"], "--kv-heads 3 must divide the 8 attention heads"),
     (["locate", "--dtype", "bf16"], "bfloat16"),
     (["locate", "--batch", "0"], "--batch: expected a positive integer, got '0'"),
+    (["locate", "--batch", "100000000"], "--batch 100000000 --seq-len 7: its activations need about"),
     (["locate", "--seed", "-1"], "--seed: expected an integer"),
     (["locate", "--inject", "no_such_bug"], "--inject: invalid choice"),
     (["locate", "--model", "{tmp}/no_checkpoint"], "--model {tmp}/no_checkpoint: neither a preset"),
