@@ -4,8 +4,8 @@
     python benchmarks/bench_fp16_error.py --dtype fp32
     python benchmarks/bench_fp16_error.py --fp32-inside    # fp16 as ONNX Runtime computes it unaided, for contrast
 
-A tap's figure is the atol it needs at rtol 0, in tap_atol's units: max |candidate - golden| /
-max(1, max |golden|), its worst over the tiny model's test grid (KV heads 8/2/1, batch 1/3, seq 1/7/64,
+A tap's figure is the atol it needs at rtol 0, in the judge's units (parity.compare.row_scale):
+max |candidate - golden| / max(1, max |golden row|), its worst over the tiny model's test grid (KV heads 8/2/1, batch 1/3, seq 1/7/64,
 past 0/5/100 where the component reads a cache) and the seeds; causal_lm runs the tiny model
 deepened to --layers layers, prefill and decode.
 """
@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parity.compare import row_scale  # noqa: E402
 from parity.check import build_candidate, needs_decode_graph  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
 from reference.components import run_component  # noqa: E402
@@ -38,7 +39,7 @@ USES_PAST = ("rope", "gqa_unmasked", "decoder_layer")
 
 def needed_atol(golden, candidate) -> float:
     golden, candidate = golden.float().numpy(), candidate.astype(np.float32)
-    return float(np.abs(candidate - golden).max()) / max(1.0, float(np.abs(golden).max()))
+    return float((np.abs(candidate - golden) / row_scale(golden)).max())
 
 
 def measure(component: str, config: DeciCoderConfig, dtype, shapes, worst: dict) -> None:

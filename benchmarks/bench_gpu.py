@@ -6,7 +6,7 @@
 Prints, per dtype: prefill latency for each prompt length (batch 1), decode tokens/s at each
 batch size (after a 128-token prefill), peak device memory; then each tap's error against the
 fp32 reference on the same device (TF32 off), as the atol that tap needs in units of its
-magnitude (the form of parity.compare.tap_atol), which calibrates the tolerance table.
+magnitude (the form of parity.compare.row_scale, per tap), which calibrates the tolerance table.
 """
 
 from __future__ import annotations
