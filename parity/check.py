@@ -51,13 +51,17 @@ class CandidateBackend(Backend):
     def build(self, name, specs, graph, config, dtype) -> Engine:
         with _candidate_stage(f"the candidate failed to build {name}"):
             engine = self.backend.build(name, specs, graph, config, dtype)
-        infer = engine.infer
+        infer, refit = engine.infer, engine.refit
 
         def checked_infer(feed):
             with _candidate_stage(f"the candidate failed to run {name}"):
                 return infer(feed)
 
-        engine.infer = checked_infer
+        def checked_refit(weights):
+            with _candidate_stage(f"the candidate failed to refit {name}"):
+                refit(weights)
+
+        engine.infer, engine.refit = checked_infer, checked_refit
         return engine
 
 
@@ -72,6 +76,12 @@ def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backen
     weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
     return build_component(component, model.config, weights, model.lm_head.weight.dtype, backend, decode,
                            static_shapes, marked=marked)
+
+
+def on_device(inputs: dict[str, torch.Tensor], model: DeciCoderForCausalLM) -> dict[str, torch.Tensor]:
+    """Inputs where the golden runs: the model's device (the CPU, or a GPU with --device cuda)."""
+    device = model.lm_head.weight.device
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 @dataclass
@@ -117,7 +127,7 @@ def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine
     """
     dtype = model.lm_head.weight.dtype
     inputs = make_inputs(component, model.config, shape, dtype)
-    golden = run_component(component, model, inputs)
+    golden = run_component(component, model, on_device(inputs, model))
     order = component_outputs(component, model.config.num_hidden_layers)
     checks = [CheckResult(component, backend_description, dtype, shape,
                           compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[dtype], order))

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
                          help="inject a catalog bug into the candidate (list-bugs)")
+    locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
+                              "a GPU is present, else cpu")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
@@ -310,6 +313,16 @@ def _load_tokenizer(directory: str):
         raise UsageError(f"--tokenizer {directory}: {e}") from None
 
 
+def _golden_device(option: str, candidate: str) -> str:
+    """Where the golden runs: ``--device``, or (auto) beside a GPU engine candidate."""
+    cuda = torch.cuda.is_available()
+    if option == "cuda" and not cuda:
+        raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine")
+    if option == "auto":
+        return "cuda" if cuda and candidate == "trtllm" else "cpu"
+    return option
+
+
 def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     # Handed to locate_command: the checks to run (phases and cache lengths checked).
     args.checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
@@ -320,7 +333,8 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _check_memory(args.batch, args.seq_len, most_cached, config, args.dtype)
     if args.inject:
         refuse_unshowable(BUGS[args.inject], args.checks, config)
-    _candidate_backend(args.backend, resolve_dtype(args.dtype))
+    backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
+    args.golden_device = _golden_device(args.device, backend.name)
     reports = {option: path for option in ("--json", "--markdown", "--plot")
                if (path := getattr(args, option.removeprefix("--"))) is not None}
     if reports and len(args.checks) > 1:
@@ -461,9 +475,11 @@ def locate_command(args: argparse.Namespace) -> int:
     profile = Profile(args.batch, args.seq_len, max(check.shape.past_len for check in checks))  # the largest case
     backend, why = _candidate_backend(args.backend, dtype, profile)
     started = time.perf_counter()
-    model = load_model_as(args.model, config, dtype, args.seed)
+    model = load_model_as(args.model, config, dtype, args.seed).to(args.golden_device)
     layout = f" ({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads)" if args.kv_heads else ""
-    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}{layout}, {args.dtype}")
+    device = "cpu" if args.golden_device == "cpu" else f"cuda, {torch.cuda.get_device_name(0)}"
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, {device}), model {args.model}{layout}, "
+          f"{args.dtype}")
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "

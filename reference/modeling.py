@@ -22,7 +22,7 @@ from torch import nn
 
 from .configuration import DeciCoderConfig
 from .inputs import SCALED_TOKENS
-from .taps import tap
+from .taps import tap, tapped
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer: (key, value), [b, kv_heads, len, head_dim]
 
@@ -146,26 +146,34 @@ class DeciCoderAttention(nn.Module):
 
         if past_key_value is None:
             present_k, present_v = k_rot, v
-            mask = causal_mask(q_len, q_len, q.dtype, q.device)
         else:
             past_k, past_v = past_key_value
             present_k = torch.cat([past_k, k_rot], dim=2)  # [b, kv_heads, past + s, d]
             present_v = torch.cat([past_v, v], dim=2)
-            mask = attention_mask
         tap(self, "present_k", present_k)
         tap(self, "present_v", present_v)
 
         k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
         v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
+        if tapped(self, "scores", "probs", "context"):
+            mask = causal_mask(q_len, q_len, q.dtype, q.device) if past_key_value is None else attention_mask
+            context = self._eager_attention(q_rot, k_rep, v_rep, mask)
+        else:
+            # Deci's own call, fused: causal over the prompt in prefill; in decode, the mask the model passes.
+            context = F.scaled_dot_product_attention(q_rot, k_rep, v_rep, attn_mask=attention_mask,
+                                                     is_causal=past_key_value is None, scale=self.scaling)
+        context = context.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
+        out = tap(self, "out", self.o_proj(context))
+        return out, (present_k, present_v)
+
+    def _eager_attention(self, q_rot, k_rep, v_rep, mask):
+        """Attention one step at a time, each step a tap: what a capture of scores, probs or context runs."""
         scores = tap(self, "scores", torch.matmul(q_rot, k_rep.transpose(2, 3)) * self.scaling)  # [b, heads, s, kv_len]
         if mask is not None:
             scores = scores + mask
         # Softmax in fp32, as Llama's eager attention and SDPA's kernels do.
-        probs = tap(self, "probs", F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        context = tap(self, "context", torch.matmul(probs, v_rep))  # [b, heads, s, d]
-        context = context.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
-        out = tap(self, "out", self.o_proj(context))
-        return out, (present_k, present_v)
+        probs = tap(self, "probs", F.softmax(scores, dim=-1, dtype=torch.float32).to(q_rot.dtype))
+        return tap(self, "context", torch.matmul(probs, v_rep))  # [b, heads, s, d]
 
 
 class DeciCoderDecoderLayer(nn.Module):

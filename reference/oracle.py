@@ -26,7 +26,9 @@ from .modeling import DeciCoderForCausalLM, causal_mask, decode_mask
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def llama_config(config: DeciCoderConfig) -> LlamaConfig:
+def llama_config(config: DeciCoderConfig, attn_implementation: str = "eager") -> LlamaConfig:
+    """Llama with DeciCoder's dims; eager attention by default: the explicit math, so attention
+    probabilities come back (``sdpa`` is what transformers runs by default)."""
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -40,18 +42,23 @@ def llama_config(config: DeciCoderConfig) -> LlamaConfig:
         tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
-        attn_implementation="eager",  # the explicit math, so attention probabilities come back
+        attn_implementation=attn_implementation,
     )
 
 
-def llama_from_reference(model: DeciCoderForCausalLM) -> LlamaForCausalLM:
-    """transformers' LlamaForCausalLM holding the reference's weights (names match one to one)."""
-    llama = LlamaForCausalLM(llama_config(model.config)).to(model.lm_head.weight.dtype).eval()
-    llama.load_state_dict(model.state_dict(), strict=True)
-    # Module.to(dtype) rounded the rotary frequencies; transformers' from_pretrained keeps them fp32.
+def llama_from_reference(model: DeciCoderForCausalLM, attn_implementation: str = "eager") -> LlamaForCausalLM:
+    """transformers' LlamaForCausalLM over the reference's own weight tensors (names match one to
+    one): built on the meta device and given them, so no second weight set and no init time."""
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(llama_config(model.config, attn_implementation)).eval()
+    llama.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # The rotary frequencies are a buffer, not a weight: computed here in fp32, as from_pretrained keeps them.
     rotary = llama.model.rotary_emb
     default_rope = getattr(rotary, "compute_default_rope_parameters", None) or rotary.rope_init_fn  # 5.x or 4.x
-    rotary.register_buffer("inv_freq", default_rope(llama.config)[0], persistent=False)
+    inv_freq = default_rope(llama.config, device="cpu")[0].to(model.lm_head.weight.device)
+    rotary.register_buffer("inv_freq", inv_freq, persistent=False)
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = inv_freq
     return llama
 
 

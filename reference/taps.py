@@ -120,6 +120,10 @@ class TapRecorder:
         if self.names is None or full_name in self.names:
             self.taps[full_name] = tensor.detach()
 
+    def wants(self, module: nn.Module, names: tuple[str, ...]) -> bool:
+        prefix = self.prefixes.get(id(module))
+        return prefix is not None and (self.names is None or any(prefix + name in self.names for name in names))
+
 
 _active: TapRecorder | None = None
 
@@ -129,6 +133,12 @@ def tap(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     if _active is not None:
         _active.record(module, name, tensor)
     return tensor
+
+
+def tapped(module: nn.Module, *names: str) -> bool:
+    """Whether the active capture collects any of ``names`` of ``module``: a tensor nobody taps
+    need not exist (the reference computes attention fused unless its steps are tapped)."""
+    return _active is not None and _active.wants(module, names)
 
 
 @contextlib.contextmanager

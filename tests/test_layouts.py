@@ -42,7 +42,7 @@ def _four_query_heads_per_kv_head(original):
 def _neox_qkv_for_mha(original):
     """GPT-NeoX's fused layout, per head (q_h, k_h, v_h), applied when the model is MHA."""
     def to_trtllm(state_dict, config):
-        weights = original(state_dict, config)
+        weights = dict(original(state_dict, config))
         if config.num_key_value_heads != config.num_attention_heads:
             return weights
         heads, d = config.num_attention_heads, config.head_dim

@@ -11,10 +11,22 @@ def test_capture_does_not_change_outputs(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 7))
     with torch.no_grad():
         bare = tiny_model(ids)
-        with capture_taps(tiny_model) as taps:
+        with capture_taps(tiny_model, causal_lm_taps(tiny_model.config.num_hidden_layers)) as taps:
             tapped = tiny_model(ids)
     assert torch.equal(bare.logits, tapped.logits)
     assert torch.equal(taps["logits"], bare.logits)
+
+
+def test_tapped_attention_steps_agree_with_fused_attention(tiny_model):
+    """Tapping scores, probs or context runs attention step by step instead of fused (SDPA): the
+    same function, so the outputs agree within fp32 rounding."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        fused = tiny_model(ids)
+        with capture_taps(tiny_model) as taps:
+            stepwise = tiny_model(ids)
+    assert "layer_0.attn.probs" in taps
+    torch.testing.assert_close(stepwise.logits, fused.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_lm_emits_registry_taps_in_execution_order(tiny_model):

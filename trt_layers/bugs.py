@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from collections import ChainMap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ def _default_eps(original):
 def _tied_lm_head(original):
     def to_trtllm(state_dict, config):
         weights = original(state_dict, config)
-        return {**weights, "lm_head.weight": weights["transformer.vocab_embedding.weight"]}
+        return ChainMap({"lm_head.weight": weights["transformer.vocab_embedding.weight"]}, weights)
     return to_trtllm
 
 

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -56,6 +56,8 @@ class Network:
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.constants: dict[str, np.ndarray] = {}  # name -> value, turned into initializers by to_onnx
+        # folded constant -> (its source constant, how it was computed from it): replayed by refit
+        self.folds: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.output_names: set[str] = set()
@@ -96,12 +98,28 @@ class Network:
         value = array if dtype in ("int32", "int64", "bool") and array.size <= 16 else None
         return Tensor(name, dtype, tuple(array.shape), value, is_constant=True)
 
-    def fold(self, source: "Tensor", array: np.ndarray, how: str) -> "Tensor":
+    def fold(self, source: "Tensor", how: str, compute: Callable[[np.ndarray], np.ndarray]) -> "Tensor":
         """A constant computed at build time from constant ``source`` (TensorRT folds these too)."""
         name = f"{source.name}:{how}"
         if name in self.constants:
             name = self.unique(name)
-        return self.add_constant(array, name)
+        self.folds[name] = (source.name, compute)
+        return self.add_constant(compute(self.constants[source.name]), name)
+
+    def refit(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Give the constants ``weights`` names new values, as TensorRT's Refitter does, and recompute
+        the constants folded from them; returns every constant that changed."""
+        for name, array in weights.items():
+            old = self.constants.get(name)
+            if old is None or old.shape != array.shape or old.dtype != array.dtype:
+                found = "no such weight" if old is None else f"the engine's is {old.dtype} {list(old.shape)}"
+                raise ValueError(f"refit: {name} {array.dtype} {list(array.shape)}: {found}")
+        arrays = dict(weights)
+        for name, (source, compute) in self.folds.items():  # in build order: a fold of a fold comes after
+            if source in arrays:
+                arrays[name] = compute(arrays[source])
+        self.constants.update(arrays)
+        return arrays
 
     def constant_value(self, tensor: "Tensor") -> np.ndarray | None:
         return self.constants.get(tensor.name) if tensor.is_constant else None
@@ -116,31 +134,26 @@ class Network:
         dims = [None if d == -1 else d for d in tensor.shape]  # a dynamic dim stays unnamed: its size is run-time
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[tensor.dtype][0], dims))
 
-    def to_onnx(self, external: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-        """The graph as an ONNX model. With ``external`` (a dict to fill), weights of 1 KiB and more
-        stay out of the protobuf: the model refers to them by name and the arrays go into
-        ``external``, for ONNX Runtime to use in place (no copy, no serialisation)."""
+    def to_onnx(self, weights: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """The graph as an ONNX model, every constant an initializer. With ``weights`` (a dict to
+        fill), float constants become graph inputs instead, their arrays go into ``weights`` for the
+        runner to feed in place (no copy, no serialisation), and ``refit`` can replace them.
+        bfloat16 stays inside: numpy cannot hand it to ONNX Runtime."""
         # Constants that only fed folded shape arithmetic are dead: leave them out.
         used = {name for node in self.nodes for name in node.input}
-        initializers = []
+        initializers, weight_inputs = [], []
         for name, array in self.constants.items():
             if name not in used:
                 continue
-            if external is not None and array.nbytes >= 1024 and array.dtype != ml_dtypes.bfloat16:
-                external[name] = array
-                initializers.append(_external_reference(array, name))
+            if weights is not None and _NUMPY_TO_DTYPE[array.dtype] in ("float32", "float16"):
+                weights[name] = array
+                weight_inputs.append(helper.make_tensor_value_info(name, DTYPES[_NUMPY_TO_DTYPE[array.dtype]][0],
+                                                                   array.shape))
             else:
                 initializers.append(_numpy_to_tensor_proto(array, name))
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs + weight_inputs, self.outputs, initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                  producer_name="trt_layers.lowering")
-
-
-def _external_reference(array: np.ndarray, name: str) -> onnx.TensorProto:
-    proto = onnx.TensorProto(name=name, data_type=DTYPES[_NUMPY_TO_DTYPE[array.dtype]][0], dims=array.shape)
-    proto.data_location = onnx.TensorProto.EXTERNAL
-    proto.external_data.add(key="location", value=name)
-    return proto
 
 
 def _numpy_to_tensor_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
@@ -209,6 +222,9 @@ class Tensor:
         net = default_net()
         if self._name in net.constants:
             net.constants[new_name] = net.constants.pop(self._name)
+            net.folds = {new_name if folded == self._name else folded: (new_name if source == self._name else source,
+                                                                        compute)
+                         for folded, (source, compute) in net.folds.items()}
         for node in net.nodes:
             node.input[:] = [new_name if n == self._name else n for n in node.input]
             node.output[:] = [new_name if n == self._name else n for n in node.output]
@@ -531,9 +547,8 @@ def cast(input: Tensor, dtype) -> Tensor:
     dtype = _dtype_name(dtype)
     if input.dtype == dtype:
         return input
-    array = default_net().constant_value(input)
-    if array is not None:
-        return default_net().fold(input, array.astype(_numpy_dtype(dtype)), dtype)
+    if default_net().constant_value(input) is not None:
+        return default_net().fold(input, dtype, lambda array: array.astype(_numpy_dtype(dtype)))
     return default_net().add_node("Cast", [input], dtype, input.shape, input.known(), to=DTYPES[dtype][0])
 
 
@@ -614,9 +629,8 @@ def view(input: Tensor, shape, zero_is_placeholder: bool = True) -> Tensor:
         out[out.index(-1)] = math.prod(input.shape) // known if known else -1
     if -1 not in out and -1 not in input.shape and math.prod(out) != math.prod(input.shape):
         raise ValueError(f"view: {list(input.shape)} has {math.prod(input.shape)} elements, {out} has {math.prod(out)}")
-    array = default_net().constant_value(input)
-    if array is not None and -1 not in out:
-        return default_net().fold(input, array.reshape(out), "reshape")
+    if default_net().constant_value(input) is not None and -1 not in out:
+        return default_net().fold(input, "reshape", lambda array: array.reshape(out))
     value = None
     if input.known() is not None and -1 not in out:
         value = input.known()
@@ -629,9 +643,8 @@ def permute(input: Tensor, dims: Sequence[int]) -> Tensor:
     dims = [_resolve_dim(d, input.ndim(), "permute") for d in dims]
     if sorted(dims) != list(range(input.ndim())):
         raise ValueError(f"permute: {dims} is not a permutation of {input.ndim()} dims")
-    array = default_net().constant_value(input)
-    if array is not None:  # a weight used transposed: transpose it once, at build time
-        return default_net().fold(input, np.ascontiguousarray(array.transpose(dims)), "transpose")
+    if default_net().constant_value(input) is not None:  # a weight used transposed: transpose it once, at build time
+        return default_net().fold(input, "transpose", lambda array: np.ascontiguousarray(array.transpose(dims)))
     return default_net().add_node("Transpose", [input], input.dtype, [input.shape[d] for d in dims], perm=dims)
 
 

@@ -147,8 +147,9 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
         taps.update(present_k=append_kv(past[0], taps["k_rot"]), present_v=append_kv(past[1], taps["v"]))
     n_rep = config.num_key_value_groups
     taps.update(k_rep=repeat_kv(taps["present_k"], n_rep), v_rep=repeat_kv(taps["present_v"], n_rep))
-    # [b, H, s, kv_len]
-    taps["scores"] = F.matmul(taps["q_rot"], taps["k_rep"], transb=True) * d**-0.5
+    # Scaling q before Q K^T (TensorRT-LLM's norm_before_bmm1) multiplies [b, H, s, d], not the
+    # [b, H, s, kv_len] scores: at 2048 tokens, 16 MiB instead of 512 MiB a layer.
+    taps["scores"] = F.matmul(taps["q_rot"] * d**-0.5, taps["k_rep"], transb=True)  # [b, H, s, kv_len]
     taps["probs"] = attention_probs(taps["scores"], make_mask(taps["q_rot"], taps["k_rep"]))
     taps["context"] = F.matmul(taps["probs"], taps["v_rep"])  # [b, H, s, d]
     taps["out"] = linear(merge_heads(taps["context"], heads * d),

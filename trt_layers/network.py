@@ -20,7 +20,7 @@ import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from reference.taps import LAYER_TAPS, component_outputs
 from . import functional as F
 from . import lowering, onnx_fp16
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
+from .weights import layer_prefix
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -183,6 +184,35 @@ class Engine:
         with quiet_polygraphy(), self._runner as runner:
             return runner.infer(feed)
 
+    refittable = False  # whether refit can give the engine new weights
+
+    def refit(self, weights: dict[str, np.ndarray]) -> None:
+        """Replace named weights, keeping the graph (TensorRT's ``Refitter.set_named_weights``)."""
+        raise NotImplementedError(f"a {self.backend} engine is not refitted here: build one per weight set")
+
+
+class OnnxEngine(Engine):
+    """A lowered graph under polygraphy's ``OnnxrtRunner``, its weights fed as inputs at each run
+    (in place, no copy), so that ``refit`` swaps them as TensorRT's Refitter swaps an engine's:
+    one decoder-layer engine serves every layer."""
+
+    refittable = True
+
+    def __init__(self, runner, network: lowering.Network, weights: dict[str, np.ndarray]):
+        super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
+        self._network, self._weights = network, weights
+
+    def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        outputs = super().infer({**feed, **self._weights})
+        # Outputs are views into the shared arena: one held past the run (a layer's output feeds the
+        # next layer) would pin a block amid the arena, and the next run's scores would need new memory.
+        return OrderedDict((name, array.copy()) for name, array in outputs.items())
+
+    def refit(self, weights: dict[str, np.ndarray]) -> None:
+        changed = self._network.refit(weights)
+        # A weight used only through a fold (a norm weight reshaped) is not an input itself.
+        self._weights.update((name, array) for name, array in changed.items() if name in self._weights)
+
 
 class TrtEngine(Engine):
     """A TensorRT engine under polygraphy's ``TrtRunner``, which is fed and read as torch tensors.
@@ -240,6 +270,18 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+@functools.cache
+def shared_arena() -> None:
+    """Register one CPU arena with ONNX Runtime's environment for sessions that ask for it
+    (``session.use_env_allocators``). Blocks grow by what is asked, not to the next power of
+    two, so the arena's peak stays that of the largest run."""
+    import onnxruntime
+
+    memory = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                       onnxruntime.OrtMemType.DEFAULT)
+    onnxruntime.create_and_register_allocator(memory, onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1}))
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -261,9 +303,14 @@ class OnnxBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         # Cast-chain elimination (opt-in) would fold the fp16 round trips of onnx_fp16 away.
         options.add_session_config_entry("optimization.enable_cast_chain_elimination", "0")
-        # Streaming builds one engine after another: an arena would keep each one's peak
-        # (hundreds of MiB of attention scores at 2048 tokens) after the engine is gone.
-        options.enable_cpu_mem_arena = False
+        # Every session draws on one arena (shared_arena): a decoder-layer engine run for layer
+        # after layer finds its activation memory (512 MiB of attention scores at 2048 tokens)
+        # already mapped instead of faulting it in again at each run, and an engine that is gone
+        # leaves its blocks to the next one rather than an arena of its own.
+        shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        # The memory pattern would hold a whole run's plan in one block, over the arena's.
+        options.enable_mem_pattern = False
         return options
 
     @staticmethod
@@ -282,20 +329,17 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
-        lowered = network.to_onnx(external=weights)
+        lowered = network.to_onnx(weights)
         # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
         model = onnx_fp16.round_each_op_to_fp16(lowered)
         if model is not lowered and (gap := self.fp16_rounding_gap()):
             raise RuntimeError(f"fp16 on the onnx backend: {gap}")
-        options = self.session_options()
-        # Weights reach ONNX Runtime in place, not through a serialised protobuf: a DeciCoder-1b
-        # layer builds in a fraction of the time, and graphs past protobuf's 2 GiB still load.
-        options.add_external_initializers(list(weights), [onnxruntime.OrtValue.ortvalue_from_numpy(w)
-                                                          for w in weights.values()])
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        # The graph that ran, so that polygraphy re-runs exactly this arithmetic.
-        return Engine(self.name, OnnxrtRunner(session, name="onnx-lowering"),
-                      lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
+        # Weights are inputs, not a serialised protobuf: a DeciCoder-1b layer builds in a fraction of
+        # the time, graphs past protobuf's 2 GiB still load, and refit swaps them.
+        session = onnxruntime.InferenceSession(model.SerializeToString(), self.session_options(),
+                                               providers=["CPUExecutionProvider"])
+        # ``model`` is the graph that ran, so that polygraphy re-runs exactly this arithmetic.
+        return OnnxEngine(OnnxrtRunner(session, name="onnx-lowering"), network, weights)
 
 
 class TrtllmBackend(Backend):
@@ -345,6 +389,14 @@ BACKENDS: dict[str, type[Backend]] = {"onnx": OnnxBackend, "trtllm": TrtllmBacke
 
 def piece_outputs(piece: str) -> list[str]:
     return {"embed": ["embed"], "head": ["final_norm", "logits"], "layer": list(LAYER_TAPS)}[piece]
+
+
+def refit_layer(engine: Engine, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, layer: int,
+                built_for: int = 0) -> None:
+    """Give ``engine``, a decoder layer built with layer ``built_for``'s weights, layer ``layer``'s."""
+    source, target = layer_prefix(layer), layer_prefix(built_for)
+    engine.refit({target + name.removeprefix(source): lowering.torch_to_numpy(weights[name].to(dtype).contiguous())
+                  for name in weights if name.startswith(source)})
 
 
 def build_component(component: str, config: DeciCoderConfig, weights: dict[str, torch.Tensor],

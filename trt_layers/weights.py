@@ -9,6 +9,9 @@ TensorRT-LLM's Linear multiplies with ``transb=True``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator, Mapping
+
 import torch
 
 from reference import DeciCoderConfig
@@ -32,21 +35,43 @@ def layer_prefix(i: int) -> str:
     return f"transformer.layers.{i}."
 
 
-def to_trtllm(state_dict: dict[str, torch.Tensor], config: DeciCoderConfig) -> dict[str, torch.Tensor]:
+class TrtllmWeights(Mapping[str, torch.Tensor]):
+    """TensorRT-LLM names over the reference's own tensors (no copy); a fused q/k/v weight is
+    concatenated when read, so a streaming check holds one layer's at a time, not the model's."""
+
+    def __init__(self, sources: dict[str, Callable[[], torch.Tensor]]):
+        self._sources = sources
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._sources[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def _stored(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
+
+
+def to_trtllm(state_dict: dict[str, torch.Tensor], config: DeciCoderConfig) -> TrtllmWeights:
     """The reference's state dict under TensorRT-LLM names, q/k/v fused; every tensor accounted for."""
     remaining = dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, Callable[[], torch.Tensor]] = {}
     for i in range(config.num_hidden_layers):
         parts = [remaining.pop(f"model.layers.{i}.self_attn.{p}.weight") for p in QKV_PARTS]
-        out[f"{layer_prefix(i)}attention.qkv.weight"] = torch.cat(parts, dim=0)  # [(H + 2 KV) * d, hidden]
+        # [(H + 2 KV) * d, hidden]
+        sources[f"{layer_prefix(i)}attention.qkv.weight"] = functools.partial(torch.cat, parts, dim=0)
     for hf_name, trt_name in HF_TO_TRTLLM.items():
         indices = range(config.num_hidden_layers) if "{i}" in hf_name else [None]
         for i in indices:
             source = hf_name.format(i=i)
             if source == "lm_head.weight" and source not in remaining and config.tie_word_embeddings:
-                out[trt_name] = state_dict["model.embed_tokens.weight"]
+                sources[trt_name] = _stored(state_dict["model.embed_tokens.weight"])
                 continue
-            out[trt_name.format(i=i)] = remaining.pop(source)
+            sources[trt_name.format(i=i)] = _stored(remaining.pop(source))
     if remaining:
         raise KeyError(f"reference weights with no TensorRT-LLM name: {sorted(remaining)}")
-    return out
+    return TrtllmWeights(sources)
