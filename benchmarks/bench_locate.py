@@ -3,7 +3,7 @@
     python benchmarks/bench_locate.py                                # decicoder-1b, fp32, 128-token prefill
     python benchmarks/bench_locate.py --seq-len 2048 --json out.json
     python benchmarks/bench_locate.py --phase decode --past-len 2047  # one new token after 2047 cached
-    python benchmarks/bench_locate.py --device cuda --dtype bf16      # the golden on the GPU
+    python benchmarks/bench_locate.py --device cuda --seq-len 2048    # the golden on the GPU
 
 Over the same seeded weights and inputs it times transformers' LlamaForCausalLM (SDPA, the
 reference's own weight tensors), the reference, the candidate as one whole-graph engine with
@@ -123,8 +123,8 @@ def bare_candidate(config, dtype, model, shape) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="decicoder-1b", choices=["decicoder-1b", "tiny"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="bf16 needs --device cuda: the onnx candidate has no CPU bf16 kernels")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
+                        help="the onnx candidate has no CPU bf16 kernels, so bf16 is not offered")
     parser.add_argument("--phase", default="prefill", choices=["prefill", "decode"])
     parser.add_argument("--seq-len", type=int, default=None, help="new tokens (default: 128 prefill, 1 decode)")
     parser.add_argument("--past-len", type=int, default=None, help="cached tokens (decode; default 2047)")

@@ -147,9 +147,11 @@ class TapJudge:
         self.abs_sum += float(absdiff.sum(dtype=np.float64))
         self.size += g.size
         self.largest_scale = max(self.largest_scale, float(scale.max()))
-        self.dot += float(np.dot(g.ravel(), c.ravel()))
-        self.golden_norm2 += float(np.dot(g.ravel(), g.ravel()))
-        self.candidate_norm2 += float(np.dot(c.ravel(), c.ravel()))
+        # In float64: a cosine near 1 is a difference of nearly equal sums, which fp32 would blur.
+        g64, c64 = g.ravel().astype(np.float64), c.ravel().astype(np.float64)
+        self.dot += float(g64 @ c64)
+        self.golden_norm2 += float(g64 @ g64)
+        self.candidate_norm2 += float(c64 @ c64)
 
     def result(self) -> TapResult:
         if not self.size:

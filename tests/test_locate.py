@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import layout_config
 from parity.cli import main
@@ -196,3 +197,77 @@ def test_plot_has_one_line_per_quantity_and_labelled_axes(tmp_path, capsys):
     labels = [line.get_label() for line in axes.get_lines()]
     assert labels == ["max abs error", "mean abs error", "1 - cosine similarity"]
     assert axes.get_xlabel() and axes.get_ylabel() and axes.get_yscale() == "log"
+
+
+def _scaled_layer_weight(layer: int, name: str, factor: float):
+    """A port that maps one weight of one layer wrong (scaled): only that layer computes differently."""
+    from collections import ChainMap
+
+    def patch(original):
+        def to_trtllm(state_dict, config):
+            weights = original(state_dict, config)
+            key = f"transformer.layers.{layer}.{name}"
+            return ChainMap({key: weights[key] * factor}, weights)
+        return to_trtllm
+    return patch
+
+
+def test_each_layer_is_judged_on_its_own_input(reference_model, monkeypatch):
+    """A wrong weight in layer 0 fails layer 0 alone: the golden reruns layer 1 on the candidate's
+    (wrong) layer-0 output, so layer 1, itself right, passes."""
+    from trt_layers import weights
+
+    model = reference_model("kvheads2", torch.float32)
+    monkeypatch.setattr(weights, "to_trtllm", _scaled_layer_weight(0, "attention.dense.weight", 1.5)(weights.to_trtllm))
+    report = run_locate("causal_lm", model, OnnxBackend(), CaseShape(2, 7))
+    verdicts = {r.name: r.passed for r in report.check.results}
+    assert not verdicts["layer_0.out"] and verdicts["layer_1.out"] and verdicts["layer_1.present_k"]
+    assert report.first_failure.name == "layer_0.out" and report.layer_detail[0] == 0
+
+
+def test_a_refitted_layer_engine_computes_what_a_fresh_build_does(reference_model):
+    """The decoder-layer engine built once and refitted with layer 1's weights (folded constants
+    recomputed) gives the same outputs as an engine built with them."""
+    import numpy as np
+
+    from reference.inputs import make_inputs
+    from trt_layers import weights as weight_mapping
+    from trt_layers.network import build_component, refit_layer, to_feed
+
+    model = reference_model("kvheads2", torch.float32)
+    weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
+    feed = to_feed(make_inputs("decoder_layer", model.config, CaseShape(2, 7), torch.float32))
+    refitted = build_component("layer", model.config, weights, torch.float32, OnnxBackend(), layer=0)
+    refit_layer(refitted, weights, torch.float32, 1)
+    built = build_component("layer", model.config, weights, torch.float32, OnnxBackend(), layer=1)
+    for name, array in built.infer(feed).items():
+        np.testing.assert_array_equal(refitted.infer(feed)[name], array, err_msg=name)
+    with pytest.raises(ValueError, match="refit: transformer.layers.0.mlp.fc.weight float32 \\[3, 3\\]"):
+        refitted.refit({"transformer.layers.0.mlp.fc.weight": np.zeros((3, 3), np.float32)})
+
+
+def test_the_head_judged_in_token_blocks_matches_it_judged_whole(reference_model, monkeypatch):
+    from parity import locate as locate_module
+
+    model = reference_model("kvheads2", torch.float32)
+    whole = run_locate("causal_lm", model, OnnxBackend(), CaseShape(2, 7)).check.results
+    monkeypatch.setattr(locate_module, "HEAD_BLOCK_BYTES", 4 * 2 * model.config.vocab_size * 3)  # 3 tokens a block
+    blocks = run_locate("causal_lm", model, OnnxBackend(), CaseShape(2, 7)).check.results
+    for a, b in zip(whole[-2:], blocks[-2:]):  # a Gemm over fewer rows may round differently
+        assert (a.name, a.shape, a.passed) == (b.name, b.shape, b.passed)
+        assert a.max_abs == pytest.approx(b.max_abs, abs=1e-6) and a.cosine == pytest.approx(b.cosine, abs=1e-9)
+    tied = run_locate("causal_lm", model, OnnxBackend(), CaseShape(2, 7), BUGS["lm_head_tied"])
+    assert tied.first_failure.name == "logits"
+
+
+@pytest.mark.gpu
+def test_golden_on_the_gpu(capsys):
+    status, out = locate(capsys, "--component", "causal_lm", "--device", "cuda")
+    assert status == 0 and "golden:    reference DeciCoder (torch" in out and ", cuda, " in out
+
+
+def test_device_cuda_without_a_gpu_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    assert main(["locate", "--device", "cuda"]) == 2
+    assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
