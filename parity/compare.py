@@ -7,7 +7,7 @@ not numpy's ``atol + rtol * |g|``), and a tap passes when every element does. ``
 dtype's atol times ``max(1, max |g|)`` over the element's row, the tap's last axis (``row_scale``).
 
 The rule and the figures (max and mean absolute error, max relative error, cosine similarity)
-are computed here, in numpy and block by block (``BLOCK_ELEMENTS``), with polygraphy's
+are computed here, in torch on every core and block by block (``BLOCK_ELEMENTS``), with polygraphy's
 definitions; tests/test_compare.py holds them to polygraphy's own SimpleCompareFunc and
 CosineSimilarityCompareFunc. Calling polygraphy per tap cost more than the model: it sorts the
 differences for medians and quantiles it logs (60% of a DeciCoder-1b locate at 2048 tokens).
@@ -134,31 +134,36 @@ class TapJudge:
         for start in range(0, len(golden_rows), step):
             self._add_block(golden_rows[start:start + step], candidate_rows[start:start + step])
 
-    def _add_block(self, g: np.ndarray, c: np.ndarray) -> None:
-        absdiff = np.abs(c - g)
-        reldiff = absdiff / np.abs(np.where(g == 0, _EPSILON, g))
-        scale = row_scale(g)
+    def _add_block(self, golden: np.ndarray, candidate: np.ndarray) -> None:
+        # In torch: its elementwise ops and reductions use every core, numpy's one.
+        g, c, scale = torch.from_numpy(golden), torch.from_numpy(candidate), torch.from_numpy(row_scale(golden))
+        absdiff = (c - g).abs()
+        reldiff = absdiff / torch.where(g == 0, _EPSILON, g).abs()
         # Fails only where both errors exceed their tolerance; a NaN error exceeds any. The absolute
         # one is in units of its row's scale (row_scale); a relative error has no units.
         within = (absdiff <= self.tolerance.atol * scale) | (reldiff <= self.tolerance.rtol)
         self.passed = self.passed and bool(within.all())
-        self.max_abs = np.maximum(self.max_abs, absdiff.max())  # NaN stays
-        self.max_rel = np.maximum(self.max_rel, reldiff.max())
-        self.abs_sum += float(absdiff.sum(dtype=np.float64))
-        self.size += g.size
-        self.largest_scale = max(self.largest_scale, float(scale.max()))
+        self.max_abs = _max_keeping_nan(self.max_abs, absdiff.max().item())
+        self.max_rel = _max_keeping_nan(self.max_rel, reldiff.max().item())
+        self.abs_sum += absdiff.sum(dtype=torch.float64).item()
+        self.size += g.numel()
+        self.largest_scale = max(self.largest_scale, scale.max().item())
         # In float64: a cosine near 1 is a difference of nearly equal sums, which fp32 would blur.
-        g64, c64 = g.ravel().astype(np.float64), c.ravel().astype(np.float64)
-        self.dot += float(g64 @ c64)
-        self.golden_norm2 += float(g64 @ g64)
-        self.candidate_norm2 += float(c64 @ c64)
+        g64, c64 = g.ravel().double(), c.ravel().double()
+        self.dot += torch.dot(g64, c64).item()
+        self.golden_norm2 += torch.dot(g64, g64).item()
+        self.candidate_norm2 += torch.dot(c64, c64).item()
 
     def result(self) -> TapResult:
         if not self.size:
             return TapResult(self.name, self.shape, *(float("nan"),) * 4, self.passed, "empty")
-        return TapResult(self.name, self.shape, float(self.max_abs), float(self.max_rel), self.abs_sum / self.size,
+        return TapResult(self.name, self.shape, self.max_abs, self.max_rel, self.abs_sum / self.size,
                          _cosine(self.dot, self.golden_norm2, self.candidate_norm2), self.passed,
                          atol=self.tolerance.atol * self.largest_scale)
+
+
+def _max_keeping_nan(a: float, b: float) -> float:
+    return a + b if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _cosine(dot: float, golden_norm2: float, candidate_norm2: float) -> float:

@@ -153,21 +153,23 @@ class DeciCoderAttention(nn.Module):
         tap(self, "present_k", present_k)
         tap(self, "present_v", present_v)
 
-        k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
-        v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
-        if tapped(self, "scores", "probs", "context"):
+        if tapped(self, "k_rep", "v_rep", "scores", "probs", "context"):
+            k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
+            v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
             mask = causal_mask(q_len, q_len, q.dtype, q.device) if past_key_value is None else attention_mask
             context = self._eager_attention(q_rot, k_rep, v_rep, mask)
         else:
-            # Deci's own call, fused: causal over the prompt in prefill; in decode, the mask the model passes.
-            context = F.scaled_dot_product_attention(q_rot, k_rep, v_rep, attn_mask=attention_mask,
-                                                     is_causal=past_key_value is None, scale=self.scaling)
+            # Deci's own call, fused: causal over the prompt in prefill; in decode, the mask the model
+            # passes. Each KV head serves its group of query heads in place (repeat_kv's result, uncopied).
+            context = F.scaled_dot_product_attention(q_rot, present_k, present_v, attn_mask=attention_mask,
+                                                     is_causal=past_key_value is None, scale=self.scaling,
+                                                     enable_gqa=self.num_key_value_groups > 1)
         context = context.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
         out = tap(self, "out", self.o_proj(context))
         return out, (present_k, present_v)
 
     def _eager_attention(self, q_rot, k_rep, v_rep, mask):
-        """Attention one step at a time, each step a tap: what a capture of scores, probs or context runs."""
+        """Attention one step at a time, each step a tap: what a capture inside attention runs."""
         scores = tap(self, "scores", torch.matmul(q_rot, k_rep.transpose(2, 3)) * self.scaling)  # [b, heads, s, kv_len]
         if mask is not None:
             scores = scores + mask

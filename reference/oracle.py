@@ -55,7 +55,7 @@ def llama_from_reference(model: DeciCoderForCausalLM, attn_implementation: str =
     # The rotary frequencies are a buffer, not a weight: computed here in fp32, as from_pretrained keeps them.
     rotary = llama.model.rotary_emb
     default_rope = getattr(rotary, "compute_default_rope_parameters", None) or rotary.rope_init_fn  # 5.x or 4.x
-    inv_freq = default_rope(llama.config, device="cpu")[0].to(model.lm_head.weight.device)
+    inv_freq = default_rope(llama.config)[0].to(model.lm_head.weight.device)
     rotary.register_buffer("inv_freq", inv_freq, persistent=False)
     if hasattr(rotary, "original_inv_freq"):
         rotary.original_inv_freq = inv_freq
