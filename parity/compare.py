@@ -122,7 +122,9 @@ class TapJudge:
 
     def __init__(self, name: str, shape: tuple[int, ...], tolerance: Tolerance):
         self.name, self.shape, self.tolerance = name, tuple(shape), tolerance
-        self.passed, self.max_abs, self.max_rel, self.abs_sum, self.size, self.largest_scale = True, 0.0, 0.0, 0.0, 0, 1.0
+        self.passed, self.size = True, 0
+        self.max_abs = self.max_rel = self.abs_sum = 0.0
+        self.largest_scale = 1.0
         self.dot = self.golden_norm2 = self.candidate_norm2 = 0.0
 
     def add(self, golden, candidate) -> None:

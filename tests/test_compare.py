@@ -47,7 +47,8 @@ def _polygraphy_verdicts(golden: np.ndarray, candidate: np.ndarray, tolerance: T
 
     from trt_layers.network import quiet_polygraphy
 
-    runs = IterationResult({"t": candidate}, runner_name="candidate"), IterationResult({"t": golden}, runner_name="golden")
+    runs = (IterationResult({"t": candidate}, runner_name="candidate"),
+            IterationResult({"t": golden}, runner_name="golden"))
     with quiet_polygraphy():
         verdict = SimpleCompareFunc(atol=tolerance.atol, rtol=tolerance.rtol)(*runs)["t"]
         cosine = CosineSimilarityCompareFunc(cosine_similarity_threshold=-1.0)(*runs)["t"].cosine_similarity
