@@ -153,7 +153,9 @@ class DeciCoderAttention(nn.Module):
         tap(self, "present_k", present_k)
         tap(self, "present_v", present_v)
 
-        if tapped(self, "k_rep", "v_rep", "scores", "probs", "context"):
+        # An ONNX export takes the explicit path too: polygraphy debug reduce cuts the graph between
+        # the steps, and torch.onnx cannot lower SDPA's enable_gqa.
+        if tapped(self, "k_rep", "v_rep", "scores", "probs", "context") or torch.onnx.is_in_onnx_export():
             k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
             v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
             mask = causal_mask(q_len, q_len, q.dtype, q.device) if past_key_value is None else attention_mask
