@@ -156,7 +156,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
-        parser.error(f"--json {args.json}: its folder is not writable")
+        parser.error(f"--json {args.json}: its folder does not exist or is not writable")
 
     if args.locate_only:
         print(json.dumps(locate_only(args)))
