@@ -131,33 +131,44 @@ def bare_candidate(config, dtype, model, shape, repeats: int) -> dict:
             "candidate_run_s": _median_s(lambda: engine.infer(feed), "cpu", repeats)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="decicoder-1b", choices=["decicoder-1b", "tiny"])
+    parser.add_argument("--model", default="decicoder-1b", choices=["decicoder-1b", "tiny"],
+                        help="default decicoder-1b (4.15 GiB of fp32 weights)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
-                        help="the onnx candidate has no CPU bf16 kernels, so bf16 is not offered")
-    parser.add_argument("--phase", default="prefill", choices=["prefill", "decode"])
-    parser.add_argument("--seq-len", type=int, default=None, help="new tokens (default: 128 prefill, 1 decode)")
-    parser.add_argument("--past-len", type=int, default=None, help="cached tokens (decode; default 2047)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each bare forward (median)")
+                        help="default fp32; no bf16: the onnx candidate has no CPU bf16 kernels")
+    parser.add_argument("--phase", default="prefill", choices=["prefill", "decode"], help="default prefill")
+    parser.add_argument("--seq-len", type=int, default=None, help="new tokens; default: 128 prefill, 1 decode")
+    parser.add_argument("--past-len", type=int, default=None,
+                        help="cached tokens (decode only); default: the rest of the context (2047 for decicoder-1b)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs; default cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each bare forward, median taken; default 3")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--locate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    decode = args.phase == "decode"
-    args.seq_len = args.seq_len or (1 if decode else 128)
-    args.past_len = (2047 if args.past_len is None else args.past_len) if decode else 0
-    if args.repeats < 1 or args.seq_len < 1 or args.past_len < 0:
-        parser.error("--repeats and --seq-len must be positive, --past-len non-negative")
-    if args.seq_len + args.past_len > DeciCoderConfig.from_preset(args.model).max_position_embeddings:
-        parser.error(f"--seq-len + --past-len exceed {args.model}'s context")
-    if decode and args.past_len < 1:
-        parser.error("--phase decode needs --past-len >= 1")
+    decode, context = args.phase == "decode", DeciCoderConfig.from_preset(args.model).max_position_embeddings
+    if args.seq_len is None:
+        args.seq_len = 1 if decode else 128
+    if not decode and args.past_len:
+        parser.error("--past-len is the decode cache: add --phase decode")
+    if args.past_len is None:
+        args.past_len = context - args.seq_len if decode else 0
+    if args.repeats < 1 or args.seq_len < 1 or (decode and args.past_len < 1):
+        parser.error("--repeats and --seq-len must be positive, and --phase decode needs --past-len >= 1")
+    if args.seq_len + args.past_len > context:
+        parser.error(f"--seq-len {args.seq_len} + --past-len {args.past_len} exceed {args.model}'s context of "
+                     f"{context} positions")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU here")
+        parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json}: is a directory")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
         parser.error(f"--json {args.json}: its folder does not exist or is not writable")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     if args.locate_only:
         print(json.dumps(locate_only(args)))
         return
@@ -181,27 +192,39 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
+def _target(value: float, limit: float, text: str) -> str:
+    return f"{text}: {'met' if value <= limit else 'MISSED'}"
+
+
 def report(f: dict) -> None:
+    """The figures, each ratio beside its issue-12 target, met or MISSED."""
     bare = f["reference_s"] + f["candidate_build_s"] + f["candidate_run_s"]
     budget = f["weights_gib"] + 2
     case = f"{f['seq_len']}-token prefill" if f["phase"] == "prefill" else \
         f"decode of {f['seq_len']} token(s) after {f['past_len']} cached"
     print(f"{f['machine']}; torch {torch.__version__}, {f['torch_threads']} threads; {f['model']} {f['dtype']}, "
-          f"{case}; golden on {f['golden_device']}, candidate: onnx lowering on the CPU")
-    print(f"weights: {f['weights_gib']:.2f} GiB, created in {f['weight_init_s']:.2f} s (target <= 3 s on 16 cores)")
+          f"{case}; golden on {f['golden_device']}, candidate: onnx lowering on the CPU; median of {f['repeats']}")
+    print(f"weights: {f['weights_gib']:.2f} GiB, created in {f['weight_init_s']:.2f} s "
+          f"(target <= 3 s on 16 cores, this machine has {os.cpu_count()} CPUs)")
+    reference, candidate = f["reference_s"] / f["transformers_s"], f["candidate_run_s"] / f["transformers_s"]
+    candidate_target = " (target <= 1.5x at 2048 tokens)" if f["seq_len"] < 2048 else \
+        f" ({_target(candidate, 1.5, 'target <= 1.5x')})"
     rows = [("transformers Llama bare (SDPA)", f["transformers_s"], ""),
             ("reference bare", f["reference_s"],
-             f"{f['reference_s'] / f['transformers_s']:.2f}x transformers (target <= 1.15x)"),
+             f"{reference:.2f}x transformers ({_target(reference, 1.15, 'target <= 1.15x')})"),
             ("candidate build (whole graph)", f["candidate_build_s"], ""),
             ("candidate run", f["candidate_run_s"],
-             f"{f['candidate_run_s'] / f['transformers_s']:.2f}x transformers (target <= 1.5x at 2048 tokens); "
-             f"first run {f['candidate_first_run_s']:.2f} s"),
+             f"{candidate:.2f}x transformers{candidate_target}; first run {f['candidate_first_run_s']:.3f} s"),
             ("locate --component causal_lm", f["locate_s"],
-             f"{f['locate_s'] / bare:.2f}x reference + candidate build + run (target <= 1.25x)")]
+             f"{f['locate_s'] / bare:.2f}x reference + candidate build + run "
+             f"({_target(f['locate_s'] / bare, 1.25, 'target <= 1.25x')})")]
     for name, seconds, ratio in rows:
-        print(f"  {name:<32} {seconds:8.2f} s  {ratio}")
-    print(f"locate peak RSS: {f['locate_peak_rss_gib']:.2f} GiB (target <= weights + 2 GiB = {budget:.2f} GiB)")
-    print(f"verdict: {f['verdict']}; per layer: {', '.join(f['per_layer'][:2])} ... {f['per_layer'][-1]}")
+        print(f"  {name:<32} {seconds:9.3f} s  {ratio}")
+    print(f"locate peak RSS: {f['locate_peak_rss_gib']:.2f} GiB "
+          f"({_target(f['locate_peak_rss_gib'], budget, f'target <= weights + 2 GiB = {budget:.2f} GiB')})")
+    layers = f["per_layer"]
+    shown = layers if len(layers) <= 3 else [*layers[:2], "...", layers[-1]]
+    print(f"verdict: {f['verdict']}; {', '.join(shown)}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ it, so a divergence can vanish once tapped; when the two verdicts differ the rep
 
 The whole model (``causal_lm``) streams: golden and candidate advance one layer at a time and
 only that layer's tensors are held, so DeciCoder-1b fits beside one weight set (the candidate
-reads the golden's weights in place). The candidate runs as per-piece engines (embedding, a
-decoder layer, final norm + lm_head), each fed the candidate's own previous output, as the
-assembled engine runs; a whole-graph engine cannot stream. The golden runs each layer (and the
+reads the golden's weights in place). The candidate runs piece by piece (embedding, a decoder
+layer, final norm + lm_head), each piece fed the candidate's own previous output, as the
+assembled engine runs; a whole-graph engine cannot be cut into layers. The golden runs each layer (and the
 head) on that same input, so every layer is judged on its own arithmetic: comparing two chains
 instead would judge layer 17 on rounding that 16 layers amplified (fp32 decicoder-1b, decode
 after 2047 cached tokens: 2.5e-5 at layer 17, over the fp32 tolerance, with no bug anywhere).
@@ -178,7 +178,10 @@ class LocateReport:
         first = self.first_failure
         if first is None:
             return "FAIL at the real outputs (every tap passes once marked)"
-        return f"FAIL at {first.name} (max abs {first.max_abs:.3e}, cosine {first.cosine:.6f})"
+        verdict = f"FAIL at {first.name} (max abs {first.max_abs:.3e}, cosine {first.cosine:.6f})"
+        if self.layer_detail is not None and (inside := first_failure(self.layer_detail[1])) is not None:
+            verdict += f"; inside layer {self.layer_detail[0]}: {inside.name}"
+        return verdict
 
     def text(self) -> str:
         """The tap table, the verdict of the real outputs alone, and the notes."""
@@ -327,9 +330,10 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     order = component_outputs("causal_lm", config.num_hidden_layers)
     check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order])
     report = LocateReport(check, layer_detail=detail, bug=bug.name if bug else None)
-    report.notes.append("The candidate ran as per-piece engines (embedding, a decoder layer given each layer's "
-                        "weights in turn, head), each fed the candidate's previous output: a whole-graph engine "
-                        "cannot stream.")
+    report.notes.append("The candidate ran piece by piece (embedding, one decoder-layer engine given each layer's "
+                        "weights in turn, head), each piece fed the candidate's previous output; the golden reran "
+                        "each layer and the head on that same input, so each row judges that piece alone and the "
+                        "layers after a wrong one can pass.")
     if detail is not None:
         layer, taps = detail
         first = first_failure(taps)

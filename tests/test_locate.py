@@ -28,7 +28,7 @@ def test_default_runs_every_component_then_the_whole_model_in_both_phases(capsys
         "repeat_kv", "rope prefill", "rope decode", "gqa_masked", "gqa_unmasked", "mlp", "rmsnorm",
         "decoder_layer prefill", "decoder_layer decode", "causal_lm prefill", "causal_lm decode"]
     assert "PASSED: 11 checks, 71 taps within fp32 tolerance" in out and "FAIL" not in out
-    assert "causal_lm [" in out and "past 5" in out and "per-piece engines" in out
+    assert "causal_lm [" in out and "past 5" in out and "piece by piece" in out
 
 
 def _failed_checks(out: str) -> dict[str, str]:
