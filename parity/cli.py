@@ -317,7 +317,8 @@ def _golden_device(option: str, candidate: str) -> str:
     """Where the golden runs: ``--device``, or (auto) beside a GPU engine candidate."""
     cuda = torch.cuda.is_available()
     if option == "cuda" and not cuda:
-        raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu or auto")
+        raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine; "
+                         "use --device cpu or auto")
     if option == "auto":
         return "cuda" if cuda and candidate == "trtllm" else "cpu"
     return option
