@@ -202,11 +202,16 @@ class OnnxEngine(Engine):
         super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
         self._network, self._weights = network, weights
 
+    # Outputs are views into the shared arena. A small one held past the run (a layer's output
+    # feeds the next layer) would pin a block carved from the freed attention buffers, and the next
+    # run's scores would need new memory: those are copied out. A large one (logits) is not: its
+    # copy would cost a fresh mapping of its size, and the callers let it go before the next run.
+    COPY_BELOW_BYTES = 2**26
+
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         outputs = super().infer({**feed, **self._weights})
-        # Outputs are views into the shared arena: one held past the run (a layer's output feeds the
-        # next layer) would pin a block amid the arena, and the next run's scores would need new memory.
-        return OrderedDict((name, array.copy()) for name, array in outputs.items())
+        return OrderedDict((name, array.copy() if array.nbytes < self.COPY_BELOW_BYTES else array)
+                           for name, array in outputs.items())
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         changed = self._network.refit(weights)
