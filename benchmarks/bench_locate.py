@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parity.check import build_candidate  # noqa: E402
+from parity.check import UsageError, build_candidate  # noqa: E402
+from parity.cli import check_output_file  # noqa: E402
 from parity.locate import locate  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
 from reference.inputs import CaseShape, make_inputs, past_names  # noqa: E402
@@ -160,10 +161,11 @@ def parse_args() -> argparse.Namespace:
                      f"{context} positions")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
-    if args.json and Path(args.json).is_dir():
-        parser.error(f"--json {args.json}: is a directory")
-    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
-        parser.error(f"--json {args.json}: its folder does not exist or is not writable")
+    if args.json:
+        try:
+            check_output_file("--json", args.json)
+        except UsageError as e:
+            parser.error(str(e))
     return args
 
 

@@ -1,5 +1,10 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except ModuleNotFoundError as e:  # an interpreter without the suite's dependencies (a venv not activated)
+    print(f"python -m parity: {e.msg}; run it with the interpreter that installed the suite "
+          "(README: .venv/bin/python -m parity ...)", file=sys.stderr)
+    sys.exit(2)
 
 sys.exit(main())

@@ -191,7 +191,7 @@ def _check_memory(batch: int, seq_len: int, past_len: int, config: DeciCoderConf
                          f"this machine has {memory / 2**30:.0f} GiB; give a smaller --batch or --seq-len")
 
 
-def _check_output_file(option: str, path: str, suffix: str | None = None) -> None:
+def check_output_file(option: str, path: str, suffix: str | None = None) -> None:
     """``path`` can be written as a file; probed by opening it (an existing file is not truncated)."""
     target = Path(path)
     if suffix is not None and target.suffix.lower() != suffix:
@@ -343,7 +343,7 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     if len({os.path.abspath(p) for p in reports.values()}) < len(reports):
         raise UsageError(f"{', '.join(reports)}: each report needs its own path")
     for option, path in reports.items():
-        _check_output_file(option, path, ".png" if option == "--plot" else None)
+        check_output_file(option, path, ".png" if option == "--plot" else None)
 
 
 def _validate_export(args: argparse.Namespace, config: DeciCoderConfig) -> None:

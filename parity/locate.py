@@ -13,10 +13,11 @@ The whole model (``causal_lm``) streams: golden and candidate advance one layer 
 only that layer's tensors are held, so DeciCoder-1b fits beside one weight set (the candidate
 reads the golden's weights in place). The candidate runs piece by piece (embedding, a decoder
 layer, final norm + lm_head), each piece fed the candidate's own previous output, as the
-assembled engine runs; a whole-graph engine cannot be cut into layers. The golden runs each layer (and the
-head) on that same input, so every layer is judged on its own arithmetic: comparing two chains
-instead would judge layer 17 on rounding that 16 layers amplified (fp32 decicoder-1b, decode
-after 2047 cached tokens: 2.5e-5 at layer 17, over the fp32 tolerance, with no bug anywhere).
+assembled engine runs; a whole-graph engine cannot be cut into layers. The golden runs each
+layer (and the head) on that same input, so every layer is judged on its own arithmetic:
+comparing two chains instead would judge layer 17 on rounding that 16 layers amplified (fp32
+decicoder-1b, decode after 2047 cached tokens: 2.5e-5 at layer 17, over the fp32 tolerance,
+with no bug anywhere).
 The decoder-layer engine is built once and refitted with each layer's weights where the backend
 can refit (the onnx lowering), and rebuilt per layer where it cannot. The golden computes
 attention fused, as Deci's code does, since no step inside it is tapped. Layers are compared on
@@ -324,7 +325,6 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
                 del golden_taps
             candidate_hidden = candidate["out"]
             progress(f"layer {i + 1}/{config.num_hidden_layers}: {time.perf_counter() - start:.2f} s")
-        del engine  # its activation memory, before the head's logits
         results.update((r.name, r) for r in _compare_head(model, build("head"), candidate_hidden, tolerance))
 
     order = component_outputs("causal_lm", config.num_hidden_layers)
