@@ -141,7 +141,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--phase", default="prefill", choices=["prefill", "decode"], help="default prefill")
     parser.add_argument("--seq-len", type=int, default=None, help="new tokens; default: 128 prefill, 1 decode")
     parser.add_argument("--past-len", type=int, default=None,
-                        help="cached tokens (decode only); default: the rest of the context (2047 for decicoder-1b)")
+                        help="cached tokens (decode only); default: the rest of the context "
+                             "(2047 for decicoder-1b)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs; default cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each bare forward, median taken; default 3")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
