@@ -144,7 +144,8 @@ def parse_args() -> argparse.Namespace:
                         help="cached tokens (decode only); default: the rest of the context "
                              "(2047 for decicoder-1b)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs; default cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each bare forward, median taken; default 3")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each bare forward, median taken; default 3")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--locate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
