@@ -29,6 +29,19 @@ def test_tapped_attention_steps_agree_with_fused_attention(tiny_model):
     torch.testing.assert_close(stepwise.logits, fused.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_mlp_taps_hold_their_own_values(tiny_model):
+    """The MLP computes silu(gate) * up in silu's output buffer: the gate and up it taps must still
+    be the projections, and act their product."""
+    mlp = tiny_model.model.layers[0].mlp
+    x = torch.randn(2, 7, tiny_model.config.hidden_size)
+    with torch.no_grad(), capture_taps(mlp) as taps:
+        down = mlp(x)
+    torch.testing.assert_close(taps["gate"], x @ mlp.gate_proj.weight.T)
+    torch.testing.assert_close(taps["up"], x @ mlp.up_proj.weight.T)
+    assert torch.equal(taps["act"], torch.nn.functional.silu(taps["gate"]) * taps["up"])
+    assert torch.equal(taps["down"], down)
+
+
 def test_causal_lm_emits_registry_taps_in_execution_order(tiny_model):
     names = causal_lm_taps(tiny_model.config.num_hidden_layers)
     with torch.no_grad(), capture_taps(tiny_model, names) as taps:
