@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
+    locator.add_argument("--candidate", metavar="PATH.onnx",
+                         help="judge this ONNX graph of the whole model (inputs input_ids [, position_ids, "
+                              "attention_mask]) instead of trt_layers; prefill; its weights must be --model's")
+    locator.add_argument("--tap-map", metavar="FILE.json",
+                         help="with --candidate: golden tap -> tensor name, {i} for the layer; default: found "
+                              "from the graph's module paths")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
@@ -324,7 +330,27 @@ def _golden_device(option: str, candidate: str) -> str:
     return option
 
 
+def _validate_external(args: argparse.Namespace) -> None:
+    """--candidate: a whole-model graph judged in prefill, with no trt_layers option beside it."""
+    if args.candidate is None:
+        if args.tap_map is not None:
+            raise UsageError("--tap-map maps the taps of a --candidate graph: add --candidate")
+        return
+    clashes = [option for option, given in (("--component", args.component not in (None, "causal_lm")),
+                                            ("--phase decode", args.phase == "decode"),
+                                            ("--past-len", bool(args.past_len)), ("--inject", args.inject),
+                                            ("--backend", args.backend != "auto"), ("--kv-heads", args.kv_heads))
+               if given]
+    if clashes:
+        raise UsageError(f"--candidate judges a whole-model graph in prefill: drop {', '.join(clashes)}")
+    for option, path in (("--candidate", args.candidate), ("--tap-map", args.tap_map)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{option} {path}: no such file")
+    args.component, args.phase = "causal_lm", "prefill"
+
+
 def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    _validate_external(args)
     # Handed to locate_command: the checks to run (phases and cache lengths checked).
     args.checks = plan_checks(args.component, args.phase, args.batch, args.seq_len, args.past_len, args.seed)
     most_cached = max(check.shape.past_len for check in args.checks)
@@ -469,7 +495,30 @@ def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
                             bug=bug.name if bug else None)
 
 
+def locate_external(args: argparse.Namespace) -> int:
+    """--candidate: someone else's ONNX graph against the golden, tap by mapped tap."""
+    from .onnx_port import OnnxPort, golden_order, locate_onnx
+
+    # The graph and the tap map are read and checked before the golden's weights are made.
+    port = OnnxPort(args.candidate)
+    mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)
+    dtype = resolve_dtype(args.dtype)
+    started = time.perf_counter()
+    model = load_model_as(args.model, args.config, dtype, args.seed).to(args.golden_device)
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}), model {args.model}, {args.dtype}")
+    print(f"candidate: {port.description}" + (f", taps mapped by {args.tap_map}" if args.tap_map else ""))
+    report = locate_onnx(model, port, args.checks[0].shape, mapped)
+    print(f"\n{report.text()}")
+    for option, write in (("json", write_json), ("markdown", write_markdown), ("plot", write_plot)):
+        if getattr(args, option):
+            write(report, args.model, getattr(args, option))
+    print(f"\n{summary(args.checks, [report], args.dtype)} ({time.perf_counter() - started:.1f} s)")
+    return report.exit_code
+
+
 def locate_command(args: argparse.Namespace) -> int:
+    if args.candidate is not None:
+        return locate_external(args)
     checks, config = args.checks, args.config
     bug = BUGS[args.inject] if args.inject else None
     dtype = resolve_dtype(args.dtype)

@@ -1,0 +1,156 @@
+"""locate --candidate: a graph this project did not write (transformers' Llama, exported by
+torch.onnx's dynamo exporter), its taps mapped by module path or by --tap-map, faults localized."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from parity.check import UsageError
+from parity.cli import main
+from parity.onnx_port import OnnxPort, golden_order, locate_onnx
+from reference import DeciCoderConfig, random_model
+from reference.inputs import CaseShape
+from reference.oracle import llama_from_reference
+
+SHAPE = CaseShape(batch=2, seq_len=7, past_len=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(DeciCoderConfig.from_preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def export(model, tmp_path_factory):
+    """transformers' LlamaForCausalLM over the reference's weights, as the dynamo exporter writes it."""
+    llama = llama_from_reference(model, attn_implementation="sdpa")
+    ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
+    program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
+                                                   "use_cache": False},
+                                dynamo=True, verbose=False,
+                                dynamic_shapes={"input_ids": {0: "batch", 1: "seq"},
+                                                "position_ids": {0: "batch", 1: "seq"}, "use_cache": None})
+    path = tmp_path_factory.mktemp("export") / "llama.onnx"
+    program.save(str(path))
+    return onnx.load(str(path))
+
+
+def _scope(node):
+    return {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+
+
+def _find(graph, op, scope, where=lambda node: True):
+    return next(n for n in graph.node if n.op_type == op and f"'{scope}'" in _scope(n) and where(n))
+
+
+def _producer(graph, name):
+    return next(n for n in graph.node if name in n.output)
+
+
+def swap_rope_cos_for_sin(model):  # a swapped Mul input: q * sin where q * cos belongs
+    g = model.graph
+    unsq = {n.input[0]: n.output[0] for n in g.node if n.op_type == "Unsqueeze" and n.input[0] in ("cos", "sin")}
+    mul = _find(g, "Mul", "model.layers.1.self_attn", lambda n: unsq["cos"] in n.input)
+    mul.input[list(mul.input).index(unsq["cos"])] = unsq["sin"]
+
+
+def change_norm_eps(model):  # a changed constant: layer 1's post-attention RMSNorm eps, set to 1
+    g = model.graph
+    add = _find(g, "Add", "model.layers.1.post_attention_layernorm",
+                lambda n: any(i in {t.name for t in g.initializer} for i in n.input))
+    eps = next(i for i in add.input if i in {t.name for t in g.initializer})
+    value = numpy_helper.to_array(next(t for t in g.initializer if t.name == eps))
+    g.initializer.append(numpy_helper.from_array(np.ones_like(value), "eps_changed"))
+    add.input[list(add.input).index(eps)] = "eps_changed"
+
+
+def drop_mask_add(model):  # a removed mask add: layer 0's softmax reads the unmasked scores
+    g = model.graph
+    softmax = _find(g, "Softmax", "model.layers.0.self_attn")
+    softmax.input[0] = _producer(g, softmax.input[0]).input[0]
+
+
+def sigmoid_to_tanh(model):  # SiLU's Sigmoid as Tanh, in layer 1's MLP
+    _find(model.graph, "Sigmoid", "model.layers.1.mlp").op_type = "Tanh"
+
+
+FAULTS = {swap_rope_cos_for_sin: "layer_1.attn.context", change_norm_eps: "layer_1.post_norm",
+          drop_mask_add: "layer_0.attn.context", sigmoid_to_tanh: "layer_1.mlp.act"}
+
+
+def _saved(model, tmp_path, edit=None, name="port.onnx"):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if edit is not None:
+        edit(copy)
+    path = tmp_path / name
+    onnx.save(copy, str(path))
+    return path
+
+
+def renamed(model):
+    """Every node and inner tensor renamed to a meaningless name, module paths dropped; and the renaming."""
+    g = model.graph
+    kept = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
+    names = {}
+    for k, node in enumerate(g.node):
+        node.name = f"n{k}"
+        del node.metadata_props[:]
+        for j, out in enumerate(node.output):
+            if out not in kept:
+                names[out] = f"t{k}_{j}"
+    for node in g.node:
+        node.input[:] = [names.get(i, i) for i in node.input]
+        node.output[:] = [names.get(o, o) for o in node.output]
+    del g.value_info[:]
+    return names
+
+
+def test_clean_export_passes_with_module_taps_mapped(model, export, tmp_path):
+    report = locate_onnx(model, OnnxPort(_saved(export, tmp_path)), SHAPE)
+    judged = [r.name for r in report.check.results]
+    assert report.exit_code == 0, report.text()
+    assert {"embed", "layer_0.attn.q", "layer_1.mlp.act", "layer_1.out", "logits"} <= set(judged)
+    assert "layer_0.attn.q_rot" not in judged and "layer_0.attn.q_rot" in report.notes[-1]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
+def test_fault_is_localized_to_its_layer_and_tap(model, export, tmp_path, fault):
+    report = locate_onnx(model, OnnxPort(_saved(export, tmp_path, fault)), SHAPE)
+    assert report.exit_code == 1 and report.first_failure.name == FAULTS[fault], report.text()
+
+
+def test_renamed_copy_needs_and_takes_a_tap_map(model, export, tmp_path):
+    clean = OnnxPort(_saved(export, tmp_path))
+    mapped = clean.tap_map(golden_order(model.config), model.config.num_hidden_layers, None)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(export)
+    names = renamed(copy)
+    tap_map = tmp_path / "map.json"
+    tap_map.write_text(json.dumps({tap: names.get(tensor, tensor) for tap, tensor in mapped.items()}))
+    with pytest.raises(UsageError, match="give --tap-map"):
+        OnnxPort(_saved(copy, tmp_path, name="renamed.onnx")).tap_map(golden_order(model.config), 2, None)
+    report = locate_onnx(model, OnnxPort(_saved(copy, tmp_path, name="renamed.onnx")), SHAPE, tap_map=str(tap_map))
+    assert report.exit_code == 0 and len(report.check.results) == len(mapped), report.text()
+    faulty = _saved(copy, tmp_path, _second_sigmoid_to_tanh, name="renamed_bad.onnx")
+    report = locate_onnx(model, OnnxPort(faulty), SHAPE, tap_map=str(tap_map))
+    assert report.first_failure.name == "layer_1.mlp.act", report.text()
+
+
+def _second_sigmoid_to_tanh(model):  # layer 1's SiLU, found by order where names say nothing
+    [n for n in model.graph.node if n.op_type == "Sigmoid"][1].op_type = "Tanh"
+
+
+def test_cli_exit_codes(model, export, tmp_path):
+    clean, faulty = _saved(export, tmp_path), _saved(export, tmp_path, sigmoid_to_tanh, "bad.onnx")
+    assert main(["locate", "--model", "tiny", "--candidate", str(clean)]) == 0
+    assert main(["locate", "--model", "tiny", "--candidate", str(faulty)]) == 1
+    assert main(["locate", "--model", "tiny", "--candidate", str(tmp_path / "none.onnx")]) == 2
+    assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--phase", "decode"]) == 2
+    bad_map = tmp_path / "bad.json"
+    bad_map.write_text(json.dumps({"layer_{i}.mlp.act": "no_such_tensor"}))
+    assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--tap-map", str(bad_map)]) == 2
