@@ -2,45 +2,56 @@
 
 Its inputs are token ids (``input_ids``), and optionally ``position_ids`` and an all-ones
 ``attention_mask``; its outputs include the logits. The golden taps it computes are found by
-``tapmap`` and marked as outputs of an in-memory copy; the file is only read. Each mapped tap is
-judged in the golden's execution order; the taps no tensor maps to are listed, never guessed.
+``tapmap``; the file is only read, and weights kept beside it (external data) stay there until a
+session reads them.
+
+Where the embedding and every layer's output are mapped, the graph is cut at those tensors (onnx's
+``Extractor``) and streamed as ``locate`` streams trt_layers: the embedding, then one layer at a
+time fed the candidate's own previous output (each segment's session reads only that layer's
+weights), then the head. The golden reruns each layer on that same input, so a layer is judged on
+its own arithmetic, and the first layer that diverges is run again, golden and candidate, with
+every mapped tap inside it. A graph that cannot be cut runs whole, every mapped tap marked. Taps no
+tensor maps to are listed, never guessed.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from onnx.utils import Extractor
 
 from reference import DeciCoderConfig, DeciCoderForCausalLM, capture_taps
+from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs
 from reference.taps import LAYER_TAPS
 
 from .check import CheckResult, UsageError, _candidate_stage
-from .compare import TOLERANCES, compare_taps
-from .locate import LocateReport
+from .compare import TOLERANCES, TapResult, compare_taps, first_failure
+from .locate import LocateReport, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
 
 FEEDS = ("input_ids", "position_ids", "attention_mask")
 
 
 class OnnxPort:
-    """The graph at ``path`` (external data beside it is read too), with a tap map."""
+    """The graph at ``path``, read without its external weights."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.model = onnx.load(str(self.path))
+            self.model = onnx.load(str(self.path), load_external_data=False)
         except Exception as e:
             raise UsageError(f"--candidate {path}: not a readable ONNX model ({type(e).__name__}: {e})"
                              .splitlines()[0]) from None
         weights = {t.name for t in self.model.graph.initializer}
-        inputs = [i.name for i in self.model.graph.input if i.name not in weights]
-        if "input_ids" not in inputs or any(name not in FEEDS for name in inputs):
-            raise UsageError(f"--candidate {path}: inputs {inputs}; expected input_ids and optionally position_ids "
-                             f"and attention_mask (graphs with past K/V inputs are not supported yet)")
+        self.inputs = [i.name for i in self.model.graph.input if i.name not in weights]
+        if "input_ids" not in self.inputs or any(name not in FEEDS for name in self.inputs):
+            raise UsageError(f"--candidate {path}: inputs {self.inputs}; expected input_ids and optionally "
+                             "position_ids and attention_mask (graphs with past K/V inputs are not supported yet)")
         self.scopes = GraphScopes(self.model.graph)
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
@@ -62,24 +73,48 @@ class OnnxPort:
 
         return f"ONNX graph {self.path.name} run by onnxruntime {onnxruntime.__version__} (CPU)"
 
-    def run(self, inputs: dict[str, torch.Tensor], tensors: list[str]) -> dict[str, np.ndarray]:
-        """Run once on ``inputs`` (golden names), returning ``tensors`` by name."""
+    @functools.cached_property
+    def _extractor(self) -> Extractor:
+        # The cut tensors need value infos: onnx 1.19's Extractor infers them, 1.23's does not.
+        return Extractor(onnx.shape_inference.infer_shapes(self.model))
+
+    def run(self, feed: dict[str, np.ndarray], outputs: list[str], cut: str | None = None) -> dict[str, np.ndarray]:
+        """Run the graph to ``outputs``; from tensor ``cut`` (fed in ``feed``) on, if given."""
         import onnxruntime
 
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        graph_outputs = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in tensors
-                                  if name not in graph_outputs)
+        if cut is None:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            marked = {o.name for o in model.graph.output}
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs
+                                      if name not in marked)
+        else:
+            model = self._extractor.extract_model([cut, *self.inputs], outputs)
+        options = onnxruntime.SessionOptions()
+        # External weights are read from beside the graph, by this segment's session alone.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.path.resolve().parent))
         with _candidate_stage(f"onnxruntime could not load {self.path.name}"):
-            session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feed = {}
-        for spec in session.get_inputs():
-            dtype = np.int32 if spec.type == "tensor(int32)" else np.int64
-            value = inputs.get(spec.name, torch.ones_like(inputs["input_ids"]))  # attention_mask: every token
-            feed[spec.name] = value.numpy().astype(dtype)
+            session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"])
+        wanted = {spec.name for spec in session.get_inputs()}
         with _candidate_stage(f"{self.path.name} failed to run"):
-            return dict(zip(tensors, session.run(tensors, feed)))
+            return dict(zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in wanted})))
+
+    def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The graph's inputs from the golden's, in the dtypes it declares; attention_mask all ones."""
+        declared = {i.name: i.type.tensor_type.elem_type for i in self.model.graph.input}
+        feed = {}
+        for name in self.inputs:
+            value = inputs.get(name, torch.ones_like(inputs["input_ids"]))
+            feed[name] = value.numpy().astype(np.int32 if declared[name] == onnx.TensorProto.INT32 else np.int64)
+        return feed
+
+
+def golden_order(config: DeciCoderConfig) -> list[str]:
+    """Every tap of the whole model, each layer in full detail, in execution order."""
+    return ["embed", *(f"layer_{i}.{tap}" for i in range(config.num_hidden_layers) for tap in LAYER_TAPS),
+            "final_norm", "logits"]
 
 
 def _as_golden_layout(candidate: np.ndarray, golden: torch.Tensor) -> np.ndarray:
@@ -90,29 +125,83 @@ def _as_golden_layout(candidate: np.ndarray, golden: torch.Tensor) -> np.ndarray
     return candidate
 
 
-def golden_order(config: DeciCoderConfig) -> list[str]:
-    """Every tap of the whole model, each layer in full detail, in execution order."""
-    return ["embed", *(f"layer_{i}.{tap}" for i in range(config.num_hidden_layers) for tap in LAYER_TAPS),
-            "final_norm", "logits"]
+def _judge(golden: dict[str, torch.Tensor], outputs: dict[str, np.ndarray], mapped: dict[str, str], tolerance,
+           order: list[str]) -> list[TapResult]:
+    """The mapped taps among ``order``, each candidate tensor in the golden's layout."""
+    names = [tap for tap in order if tap in mapped]
+    candidate = {tap: _as_golden_layout(outputs[mapped[tap]], golden[tap]) for tap in names}
+    return compare_taps(golden, candidate, tolerance, names)
 
 
 def locate_onnx(model: DeciCoderForCausalLM, port: OnnxPort, shape: CaseShape, mapped: dict[str, str] | None = None,
                 tap_map: str | None = None) -> LocateReport:
     """Judge every tap of ``port`` that maps to a golden tap (``mapped``, default: port.tap_map), prefill."""
-    config, dtype = model.config, model.lm_head.weight.dtype
+    config = model.config
     order = golden_order(config)
     if mapped is None:
         mapped = port.tap_map(order, config.num_hidden_layers, tap_map)
-    inputs = make_inputs("causal_lm", config, shape, dtype)
-    with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
-        model(inputs["input_ids"], inputs["position_ids"])
-    outputs = port.run(inputs, list(dict.fromkeys(mapped.values())))
-    candidate = {tap: _as_golden_layout(outputs[tensor], golden[tap]) for tap, tensor in mapped.items()}
-    results = compare_taps(golden, candidate, TOLERANCES[dtype], [tap for tap in order if tap in mapped])
-    check = CheckResult("causal_lm", port.description, dtype, shape, results)
-    report = LocateReport(check)
-    unmapped = [tap for tap in order if tap not in mapped]
-    report.notes.append(f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}.")
-    if unmapped:
+    cuts = ["embed", *(f"layer_{i}.out" for i in range(config.num_hidden_layers))]
+    streamed = all(tap in mapped for tap in cuts)
+    report = (_locate_streamed if streamed else _locate_whole)(model, port, shape, mapped, order)
+    report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; "
+                        + ("the graph was cut at each layer's output and streamed." if streamed else
+                           "not every layer's output is mapped, so the graph ran whole."))
+    if unmapped := [tap for tap in order if tap not in mapped]:
         report.notes.append(f"not mapped, so not judged ({len(unmapped)}): {', '.join(unmapped)}")
     return report
+
+
+def _locate_whole(model, port, shape, mapped, order) -> LocateReport:
+    dtype = model.lm_head.weight.dtype
+    inputs = make_inputs("causal_lm", model.config, shape, dtype)
+    with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
+        model(inputs["input_ids"], inputs["position_ids"])
+    outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
+    results = _judge(golden, outputs, mapped, TOLERANCES[dtype], order)
+    return LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results))
+
+
+def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
+    config, dtype = model.config, model.lm_head.weight.dtype
+    tolerance = TOLERANCES[dtype]
+    inputs = make_inputs("causal_lm", config, shape, dtype)
+    feed, positions = port.feed(inputs), inputs["position_ids"]
+    results, detail = [], None
+    with torch.no_grad():
+        hidden = port.run(feed, [mapped["embed"]])[mapped["embed"]]
+        results += _judge({"embed": model.model.embed_tokens(inputs["input_ids"])}, {mapped["embed"]: hidden},
+                          mapped, tolerance, ["embed"])
+        cut = mapped["embed"]
+        for i in range(config.num_hidden_layers):
+            release_freed_memory()
+            golden_input, out = torch.from_numpy(hidden), mapped[f"layer_{i}.out"]
+            candidate = port.run({**feed, cut: hidden}, [out], cut)
+            golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, None, ("out",))["out"]}
+            layer = _judge(golden, candidate, mapped, tolerance, [f"layer_{i}.out"])
+            results += layer
+            if detail is None and first_failure(layer) is not None:  # where inside this layer?
+                detail = (i, _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance))
+            hidden, cut = candidate[out], out
+        head = [tap for tap in ("final_norm", "logits") if tap in mapped]
+        golden_norm = model.model.norm(torch.from_numpy(hidden))
+        golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
+        candidate = port.run({**feed, cut: hidden}, [mapped[tap] for tap in head], cut)
+        results += _judge(golden, candidate, mapped, tolerance, head)
+    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
+    report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
+                        "and the head on that same input: each row judges that piece alone.")
+    if detail is not None:
+        first = first_failure(detail[1])
+        where = first.name if first else "no mapped tap inside it (map more with --tap-map)"
+        report.notes.append(f"Inside layer {detail[0]}, the first diverging tap is {where}.")
+    return report
+
+
+def _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance) -> list[TapResult]:
+    """Layer ``i`` again, golden and candidate on the same input, every mapped tap inside it (names
+    relative to the layer, as trt_layers' layer detail names them)."""
+    prefix = f"layer_{i}."
+    inside = {tap.removeprefix(prefix): tensor for tap, tensor in mapped.items() if tap.startswith(prefix)}
+    outputs = port.run({**feed, cut: golden_input.numpy()}, list(dict.fromkeys(inside.values())), cut)
+    golden = run_layer(model, i, golden_input, positions)
+    return _judge(golden, outputs, inside, tolerance, list(LAYER_TAPS))
