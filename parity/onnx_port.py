@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from onnx.utils import Extractor
 
@@ -47,12 +48,15 @@ class OnnxPort:
         except Exception as e:
             raise UsageError(f"--candidate {path}: not a readable ONNX model ({type(e).__name__}: {e})"
                              .splitlines()[0]) from None
+        if not self.model.graph.node:  # protobuf parses many a stray file as an empty model
+            raise UsageError(f"--candidate {path}: not a readable ONNX model (no graph nodes)")
         weights = {t.name for t in self.model.graph.initializer}
         self.inputs = [i.name for i in self.model.graph.input if i.name not in weights]
         if "input_ids" not in self.inputs or any(name not in FEEDS for name in self.inputs):
             raise UsageError(f"--candidate {path}: inputs {self.inputs}; expected input_ids and optionally "
                              "position_ids and attention_mask (graphs with past K/V inputs are not supported yet)")
         self.scopes = GraphScopes(self.model.graph)
+        self._shared: list[tuple[onnx.ModelProto, object]] = []  # (segment, its session), for run_layer
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The automatic mapping, overridden tap by tap by ``tap_map`` (a JSON file)."""
@@ -79,24 +83,44 @@ class OnnxPort:
         return Extractor(onnx.shape_inference.infer_shapes(self.model))
 
     def run(self, feed: dict[str, np.ndarray], outputs: list[str], cut: str | None = None) -> dict[str, np.ndarray]:
-        """Run the graph to ``outputs``; from tensor ``cut`` (fed in ``feed``) on, if given."""
+        """Run the part of the graph that computes ``outputs``, from tensor ``cut`` (fed in ``feed``)
+        on if given: only that part's weights are read."""
+        session = self._session(self._extractor.extract_model([*([cut] if cut else []), *self.inputs], outputs))
+        return self._run(session, feed, outputs)
+
+    def run_layer(self, feed: dict[str, np.ndarray], cut: str, out: str) -> np.ndarray:
+        """One layer's segment, ``cut`` to ``out``. Layers whose segments have one structure share a
+        session, built once with the weights as inputs, and each is run with its own weights fed in
+        place from the external-data file (TensorRT's refit, on a graph this suite did not build): a
+        session per layer would read and repack every weight again. A segment of another structure (a
+        layer edited apart from the rest, or layer 0, which computes what later layers reuse) gets a
+        session of its own the same way."""
+        segment = self._extractor.extract_model([cut, *self.inputs], [out])
+        for shared, session in self._shared:
+            if (names := same_structure(shared.graph, segment.graph)) is not None:
+                break
+        else:
+            shared, names = segment, {t.name: t.name for t in segment.graph.initializer}
+            session = self._session(weights_as_inputs(segment))
+            self._shared.append((shared, session))
+        weights = {t.name: t for t in segment.graph.initializer}
+        folder = self.path.resolve().parent
+        feed = {**feed, **{name: initializer_array(weights[names[name]], folder) for name in names}}
+        feed[shared.graph.input[0].name] = feed[cut]  # extract_model lists the cut first
+        out = shared.graph.output[0].name
+        return self._run(session, feed, [out])[out]
+
+    def _session(self, model: onnx.ModelProto):
         import onnxruntime
 
-        if cut is None:
-            model = onnx.ModelProto()
-            model.CopyFrom(self.model)
-            marked = {o.name for o in model.graph.output}
-            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs
-                                      if name not in marked)
-        else:
-            model = self._extractor.extract_model([cut, *self.inputs], outputs)
         options = onnxruntime.SessionOptions()
         # External weights are read from beside the graph, by this segment's session alone.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.path.resolve().parent))
         with _candidate_stage(f"onnxruntime could not load {self.path.name}"):
-            session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"])
+            return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, session, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         wanted = {spec.name for spec in session.get_inputs()}
         with _candidate_stage(f"{self.path.name} failed to run"):
             return dict(zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in wanted})))
@@ -109,6 +133,49 @@ class OnnxPort:
             value = inputs.get(name, torch.ones_like(inputs["input_ids"]))
             feed[name] = value.numpy().astype(np.int32 if declared[name] == onnx.TensorProto.INT32 else np.int64)
         return feed
+
+
+def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer a graph input instead: the same graph, for weights fed per run."""
+    fed = onnx.ModelProto()
+    fed.CopyFrom(model)
+    fed.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                           for t in fed.graph.initializer)
+    del fed.graph.initializer[:]
+    return fed
+
+
+def same_structure(a: onnx.GraphProto, b: onnx.GraphProto) -> dict[str, str] | None:
+    """For each initializer of ``a``, the one of ``b`` in its place, if ``b`` is ``a`` node for node (same
+    ops, attributes and wiring, initializers of the same shapes) under other names; else None."""
+    if len(a.node) != len(b.node) or len(a.input) != len(b.input) or len(a.output) != len(b.output):
+        return None
+    a_weights = {t.name: t for t in a.initializer}
+    b_weights = {t.name: t for t in b.initializer}
+    names = {x.name: y.name for x, y in zip(a.input, b.input)}
+    for x, y in zip(a.node, b.node):
+        if (x.op_type, x.domain, len(x.input), len(x.output)) != (y.op_type, y.domain, len(y.input), len(y.output)) \
+                or list(x.attribute) != list(y.attribute):
+            return None
+        for u, v in zip(x.input, y.input):
+            if (u in a_weights) != (v in b_weights) or names.setdefault(u, v) != v:
+                return None
+            if u in a_weights and (a_weights[u].dims, a_weights[u].data_type) != (b_weights[v].dims,
+                                                                                     b_weights[v].data_type):
+                return None
+        if any(names.setdefault(u, v) != v for u, v in zip(x.output, y.output)):
+            return None
+    return {name: names[name] for name in a_weights}
+
+
+def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """An initializer's values; external data is mapped from its file, not copied."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return onnx.numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                     shape=tuple(tensor.dims))
 
 
 def golden_order(config: DeciCoderConfig) -> list[str]:
@@ -147,8 +214,18 @@ def locate_onnx(model: DeciCoderForCausalLM, port: OnnxPort, shape: CaseShape, m
                         + ("the graph was cut at each layer's output and streamed." if streamed else
                            "not every layer's output is mapped, so the graph ran whole."))
     if unmapped := [tap for tap in order if tap not in mapped]:
-        report.notes.append(f"not mapped, so not judged ({len(unmapped)}): {', '.join(unmapped)}")
+        report.notes.append(f"not mapped, so not judged ({len(unmapped)}): {_by_layer(unmapped, config)}")
     return report
+
+
+def _by_layer(taps: list[str], config: DeciCoderConfig) -> str:
+    """Tap names with the layer folded where a tap is missing in every layer: layer_{i}.attn.q_rot."""
+    layers = config.num_hidden_layers
+    every = {tap.split(".", 1)[1] for tap in taps if tap.startswith("layer_0.")}
+    every = {rest for rest in every if all(f"layer_{i}.{rest}" in taps for i in range(layers))}
+    shown = [f"layer_{{i}}.{rest}" for rest in LAYER_TAPS if rest in every]
+    shown += [tap for tap in taps if not (tap.startswith("layer_") and tap.split(".", 1)[1] in every)]
+    return ", ".join(shown) + (f" ({{i}}: every layer, 0-{layers - 1})" if every else "")
 
 
 def _locate_whole(model, port, shape, mapped, order) -> LocateReport:
@@ -175,7 +252,7 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         for i in range(config.num_hidden_layers):
             release_freed_memory()
             golden_input, out = torch.from_numpy(hidden), mapped[f"layer_{i}.out"]
-            candidate = port.run({**feed, cut: hidden}, [out], cut)
+            candidate = {out: port.run_layer({**feed, cut: hidden}, cut, out)}
             golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, None, ("out",))["out"]}
             layer = _judge(golden, candidate, mapped, tolerance, [f"layer_{i}.out"])
             results += layer

@@ -75,11 +75,10 @@ def node_scope(node: onnx.NodeProto) -> str | None:
 
 
 class GraphScopes:
-    """The graph's nodes by module path, and which tensors are floats."""
+    """The graph's nodes by module path, who reads each tensor, and which tensors are activations."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.nodes = list(graph.node)
-        self.scopes = [node_scope(node) for node in self.nodes]
         self.graph_outputs = {o.name for o in graph.output}
         self.constants = {i.name for i in graph.initializer}
         self.constants |= {o for node in self.nodes if node.op_type == "Constant" for o in node.output}
@@ -87,6 +86,15 @@ class GraphScopes:
         self.is_float = lambda name: types.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
         self.tensors = {o for node in self.nodes for o in node.output} | {i.name for i in graph.input}
         self.activations = self._activations()
+        self.members: dict[str, list[int]] = {}  # module path -> its nodes and its submodules', in graph order
+        self.readers: dict[str, set[int]] = {}  # tensor -> the nodes that read it
+        for index, node in enumerate(self.nodes):
+            for name in node.input:
+                self.readers.setdefault(name, set()).add(index)
+            if (scope := node_scope(node)) is not None:
+                parts = scope.split(".")
+                for depth in range(1, len(parts) + 1):
+                    self.members.setdefault(".".join(parts[:depth]), []).append(index)
 
     def _activations(self) -> set[str]:
         """Tensors whose values follow from the token ids (through shapes alone does not count): the
@@ -100,18 +108,14 @@ class GraphScopes:
 
     def crossing(self, module: str, side: str) -> list[str]:
         """The activations crossing ``module``'s boundary on ``side``, in graph order."""
-        def inside(scope):
-            return scope is not None and (scope == module or scope.startswith(module + "."))
-
-        within = [inside(scope) for scope in self.scopes]
-        produced = {o for node, w in zip(self.nodes, within) if w for o in node.output}
-        if not produced:
-            return []
+        inside = self.members.get(module, [])
+        within = set(inside)
+        produced = {o for index in inside for o in self.nodes[index].output}
         if side == "output":
-            read_outside = {i for node, w in zip(self.nodes, within) if not w for i in node.input} | self.graph_outputs
-            found = [o for node, w in zip(self.nodes, within) if w for o in node.output if o in read_outside]
+            found = [o for index in inside for o in self.nodes[index].output
+                     if o in self.graph_outputs or not self.readers.get(o, set()) <= within]
         else:
-            found = [i for node, w in zip(self.nodes, within) if w for i in node.input
+            found = [i for index in inside for i in self.nodes[index].input
                      if i and i not in produced and i not in self.constants]
         return list(dict.fromkeys(t for t in found if t in self.activations and self.is_float(t)))
 

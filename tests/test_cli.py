@@ -71,6 +71,11 @@ BAD_INPUTS = [
      "--inject rope_offset_forgotten cannot show in rope prefill"),
     (["locate", "--component", "mlp", "--markdown", "/dev/full"], "--markdown /dev/full: not a regular file"),
     (["report", "--seq-len", "300"], "305 tokens exceed"),
+    (["locate", "--candidate", "{tmp}/none.onnx"], "--candidate {tmp}/none.onnx: no such file"),
+    (["locate", "--candidate", "{file}"], "--candidate {file}: not a readable ONNX model"),
+    (["locate", "--candidate", "{file}", "--inject", "rope_interleaved", "--phase", "decode"],
+     "drop --phase decode, --inject"),
+    (["locate", "--tap-map", "{file}"], "--tap-map maps the taps of a --candidate graph: add --candidate"),
     (["report", "--component", "no_such_component"], "--component: invalid choice"),
     (["list-bugs", "--all"], "unrecognized arguments: --all"),
 ]

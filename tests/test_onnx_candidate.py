@@ -2,6 +2,7 @@
 torch.onnx's dynamo exporter), its taps mapped by module path or by --tap-map, faults localized."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -27,6 +28,21 @@ def model():
 
 @pytest.fixture(scope="module")
 def export(model, tmp_path_factory):
+    return _export(model, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def deep_model():
+    """Four layers: layers 1-3 have one structure and share one session (layer 0 computes what they reuse)."""
+    return random_model(replace(DeciCoderConfig.from_preset("tiny"), num_hidden_layers=4), seed=0)
+
+
+@pytest.fixture(scope="module")
+def deep_export(deep_model, tmp_path_factory):
+    return _export(deep_model, tmp_path_factory)
+
+
+def _export(model, tmp_path_factory):
     """transformers' LlamaForCausalLM over the reference's weights, as the dynamo exporter writes it."""
     llama = llama_from_reference(model, attn_implementation="sdpa")
     ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
@@ -124,7 +140,7 @@ def test_clean_export_streams_and_passes(model, export, tmp_path):
     report = locate_onnx(model, OnnxPort(_saved(export, tmp_path)), SHAPE)
     assert report.exit_code == 0, report.text()
     assert [r.name for r in report.check.results] == ["embed", "layer_0.out", "layer_1.out", "final_norm", "logits"]
-    assert "streamed" in report.notes[0] and "layer_0.attn.q_rot" in report.notes[-1]
+    assert "streamed" in report.notes[0] and "layer_{i}.attn.q_rot" in report.notes[-1]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
@@ -171,3 +187,29 @@ def test_cli_exit_codes(model, export, tmp_path):
     bad_map = tmp_path / "bad.json"
     bad_map.write_text(json.dumps({"layer_{i}.mlp.act": "no_such_tensor"}))
     assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--tap-map", str(bad_map)]) == 2
+
+
+def test_layers_of_one_structure_share_a_session_fed_their_own_weights(deep_model, deep_export, tmp_path):
+    clean = OnnxPort(_saved(deep_export, tmp_path))
+    assert locate_onnx(deep_model, clean, SHAPE).exit_code == 0
+    assert len(clean._shared) == 2  # layer 0's session, and the one layers 1-3 share
+
+    def layer_2_tanh(model):
+        [n for n in model.graph.node if n.op_type == "Sigmoid"][2].op_type = "Tanh"
+
+    faulty = OnnxPort(_saved(deep_export, tmp_path, layer_2_tanh, "layer2.onnx"))
+    report = locate_onnx(deep_model, faulty, SHAPE)
+    assert _localized(report) == (2, "mlp.act") and len(faulty._shared) == 3, report.text()
+    assert [r.name for r in report.check.results if not r.passed] == ["layer_2.out"]
+
+
+def test_a_layer_with_other_weights_is_run_with_them(deep_model, deep_export, tmp_path):
+    """Sharing a session must not share weights: layer 3's gate_proj scaled is caught in layer 3."""
+    def scale_layer_3_gate(model):
+        matmul = _find(model.graph, "MatMul", "model.layers.3.mlp.gate_proj")
+        weight = next(t for t in model.graph.initializer if t.name == matmul.input[1])
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+
+    port = OnnxPort(_saved(deep_export, tmp_path, scale_layer_3_gate, "gate.onnx"))
+    report = locate_onnx(deep_model, port, SHAPE)
+    assert _localized(report) == (3, "mlp.gate") and len(port._shared) == 2, report.text()
