@@ -174,7 +174,8 @@ def main() -> None:
         polygraphy = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
         marked = _child([sys.executable, "-c", polygraphy, "run", str(candidate), "--onnxrt", "--onnx-outputs", "*",
                          "--input-shapes", f"input_ids:[1,{args.seq_len}]", f"position_ids:[1,{args.seq_len}]",
-                         "--val-range", "input_ids:[0,31999]", f"position_ids:[0,{args.seq_len - 1}]"],
+                         "--val-range", f"input_ids:[0,{DeciCoderConfig.from_preset(MODEL).vocab_size - 1}]",
+                         f"position_ids:[0,{args.seq_len - 1}]"],
                         int(args.cap_gib * 2**30))
         figures["polygraphy_mark_all"] = {key: marked[key] for key in ("seconds", "peak_rss_gib", "returncode",
                                                                        "error")}

@@ -501,8 +501,9 @@ def locate_external(args: argparse.Namespace) -> int:
 
     # The graph and the tap map are read and checked before the golden's weights are made.
     port = OnnxPort(args.candidate)
-    mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)
     dtype = resolve_dtype(args.dtype)
+    port.check_config(args.config, dtype)
+    mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)
     started = time.perf_counter()
     model = load_model_as(args.model, args.config, dtype, args.seed).to(args.golden_device)
     print(f"golden:    reference DeciCoder (torch {torch.__version__}), model {args.model}, {args.dtype}")

@@ -59,6 +59,18 @@ class OnnxPort:
         self.scopes = GraphScopes(self.model.graph)
         self._shared: list[tuple[onnx.ModelProto, object]] = []  # (segment, its session), for run_layer
 
+    def check_config(self, config: DeciCoderConfig, dtype: torch.dtype) -> None:
+        """UsageError unless the graph holds a [vocab, hidden] table (the embedding) of ``dtype``: a graph of
+        another model, or another dtype, is a wrong pairing with --model / --dtype, not a divergence."""
+        shape = [config.vocab_size, config.hidden_size]
+        tables = [t for t in self.model.graph.initializer if list(t.dims) == shape]
+        if not tables:
+            raise UsageError(f"--candidate {self.path}: no [{shape[0]}, {shape[1]}] embedding table in it: "
+                             f"it is not a model of --model's config (vocab {shape[0]}, hidden {shape[1]})")
+        graph_dtype = onnx.helper.tensor_dtype_to_np_dtype(tables[0].data_type)
+        if graph_dtype != torch.empty(0, dtype=dtype).numpy().dtype:
+            raise UsageError(f"--candidate {self.path}: its weights are {graph_dtype}; run with the --dtype they hold")
+
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The automatic mapping, overridden tap by tap by ``tap_map`` (a JSON file)."""
         mapped = auto_map(self.scopes, golden_taps, num_layers)
@@ -256,6 +268,7 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         hidden = port.run(feed, [mapped["embed"]])[mapped["embed"]]
         results += _judge({"embed": model.model.embed_tokens(inputs["input_ids"])}, {mapped["embed"]: hidden},
                           mapped, tolerance, ["embed"])
+        weights_differ = not results[0].passed
         cut = mapped["embed"]
         for i in range(config.num_hidden_layers):
             release_freed_memory()
@@ -275,6 +288,9 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
     report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
     report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
                         "and the head on that same input: each row judges that piece alone.")
+    if weights_differ:
+        report.notes.append("The embedding lookup already differs: the graph's weights are likely not --model's "
+                            "(export it from the same checkpoint, or for a preset with the same --seed).")
     if detail is not None:
         first = first_failure(detail[1])
         where = first.name if first else "no mapped tap inside it (map more with --tap-map)"
