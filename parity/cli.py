@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
-    locator.add_argument("--candidate", metavar="PATH.onnx",
-                         help="judge this ONNX graph of the whole model (inputs input_ids [, position_ids, "
-                              "attention_mask]) instead of trt_layers; prefill; its weights must be --model's")
+    locator.add_argument("--candidate", metavar="PATH",
+                         help="judge this port of the whole model instead of trt_layers: an ONNX graph (inputs "
+                              "input_ids [, position_ids, attention_mask]) or a TensorRT engine (.engine/.plan; "
+                              "the .onnx beside it maps its outputs); prefill; its weights must be --model's")
     locator.add_argument("--tap-map", metavar="FILE.json",
                          help="with --candidate: golden tap -> tensor name, {i} for the layer; default: found "
                               "from the graph's module paths")
@@ -497,10 +498,12 @@ def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
 
 def locate_external(args: argparse.Namespace) -> int:
     """--candidate: someone else's ONNX graph against the golden, tap by mapped tap."""
-    from .onnx_port import OnnxPort, golden_order, locate_onnx
+    from .onnx_port import OnnxPort, golden_order, locate_onnx, locate_whole
+    from .trt_port import ENGINE_SUFFIXES, TrtEnginePort
 
-    # The graph and the tap map are read and checked before the golden's weights are made.
-    port = OnnxPort(args.candidate)
+    # The candidate and the tap map are read and checked before the golden's weights are made.
+    engine = Path(args.candidate).suffix in ENGINE_SUFFIXES
+    port = TrtEnginePort(args.candidate) if engine else OnnxPort(args.candidate)
     dtype = resolve_dtype(args.dtype)
     port.check_config(args.config, dtype)
     mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)
@@ -508,7 +511,7 @@ def locate_external(args: argparse.Namespace) -> int:
     model = load_model_as(args.model, args.config, dtype, args.seed).to(args.golden_device)
     print(f"golden:    reference DeciCoder (torch {torch.__version__}), model {args.model}, {args.dtype}")
     print(f"candidate: {port.description}" + (f", taps mapped by {args.tap_map}" if args.tap_map else ""))
-    report = locate_onnx(model, port, args.checks[0].shape, mapped)
+    report = (locate_whole if engine else locate_onnx)(model, port, args.checks[0].shape, mapped)
     print(f"\n{report.text()}")
     for option, write in (("json", write_json), ("markdown", write_markdown), ("plot", write_plot)):
         if getattr(args, option):

@@ -229,7 +229,7 @@ def locate_onnx(model: DeciCoderForCausalLM, port: OnnxPort, shape: CaseShape, m
         mapped = port.tap_map(order, config.num_hidden_layers, tap_map)
     cuts = ["embed", *(f"layer_{i}.out" for i in range(config.num_hidden_layers))]
     streamed = all(tap in mapped for tap in cuts)
-    report = (_locate_streamed if streamed else _locate_whole)(model, port, shape, mapped, order)
+    report = (_locate_streamed if streamed else locate_whole)(model, port, shape, mapped, order)
     report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; "
                         + ("the graph was cut at each layer's output and streamed." if streamed else
                            "not every layer's output is mapped, so the graph ran whole."))
@@ -248,14 +248,23 @@ def _by_layer(taps: list[str], config: DeciCoderConfig) -> str:
     return ", ".join(shown) + (f" ({{i}}: every layer, 0-{layers - 1})" if every else "")
 
 
-def _locate_whole(model, port, shape, mapped, order) -> LocateReport:
+def locate_whole(model: DeciCoderForCausalLM, port, shape: CaseShape, mapped: dict[str, str],
+                 order: list[str] | None = None) -> LocateReport:
+    """Run ``port`` whole (an ONNX graph, or an engine, which cannot be cut) and judge every mapped
+    tap it produced; a mapped tensor it did not produce (an engine output never marked) is reported."""
     dtype = model.lm_head.weight.dtype
+    order = order or golden_order(model.config)
     inputs = make_inputs("causal_lm", model.config, shape, dtype)
     with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
         model(inputs["input_ids"], inputs["position_ids"])
     outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
-    results = _judge(golden, outputs, mapped, TOLERANCES[dtype], order)
-    return LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results))
+    produced = {tap: tensor for tap, tensor in mapped.items() if tensor in outputs}
+    results = _judge(golden, outputs, produced, TOLERANCES[dtype], order)
+    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results))
+    if missing := [tap for tap in mapped if tap not in produced]:
+        report.notes.append(f"mapped, but not among the candidate's outputs (not marked when it was built), so not "
+                            f"judged: {', '.join(missing)}")
+    return report
 
 
 def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:

@@ -75,6 +75,11 @@ def test_every_vocabulary_name_and_signature_is_in_the_table():
 @pytest.mark.parametrize("key, installed", [
     ("polygraphy.backend.trt.TrtRunner", "polygraphy.backend.trt.TrtRunner.__init__"),
     ("polygraphy.backend.trt.EngineFromBytes", "polygraphy.backend.trt.EngineFromBytes.__init__"),
+    ("polygraphy.backend.trt.NetworkFromOnnxPath", "polygraphy.backend.trt.NetworkFromOnnxPath.__init__"),
+    ("polygraphy.backend.trt.ModifyNetworkOutputs", "polygraphy.backend.trt.ModifyNetworkOutputs.__init__"),
+    ("polygraphy.backend.trt.EngineFromNetwork", "polygraphy.backend.trt.EngineFromNetwork.__init__"),
+    ("polygraphy.backend.trt.SaveEngine", "polygraphy.backend.trt.SaveEngine.__init__"),
+    ("polygraphy.backend.trt.Profile.add", "polygraphy.backend.trt.Profile.add"),
 ])
 def test_polygraphy_entries_are_the_installed_polygraphy(key, installed):
     import importlib

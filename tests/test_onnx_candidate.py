@@ -215,3 +215,40 @@ def test_a_layer_with_other_weights_is_run_with_them(deep_model, deep_export, tm
     port = OnnxPort(_saved(deep_export, tmp_path, scale_layer_3_gate, "gate.onnx"))
     report = locate_onnx(deep_model, port, SHAPE)
     assert _localized(report) == (3, "mlp.gate") and len(port._shared) == 2, report.text()
+
+
+@pytest.mark.tensorrt
+def test_engine_built_from_the_export_is_mapped_through_it(model, export, tmp_path):
+    """A TensorRT engine built from the export with its mapped tensors marked: judged through the ONNX
+    graph beside it; the SiLU fault built into another engine is found at layer_1.mlp.act."""
+    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, ModifyNetworkOutputs, NetworkFromOnnxPath,
+                                        Profile, SaveEngine)
+
+    from parity.onnx_port import locate_whole
+    from parity.trt_port import TrtEnginePort
+
+    for name, fault in (("clean", None), ("tanh", sigmoid_to_tanh)):
+        graph = _saved(export, tmp_path, fault, f"{name}.onnx")
+        mapped = OnnxPort(graph).tap_map(golden_order(model.config), model.config.num_hidden_layers, None)
+        profile = Profile()
+        for input_name in ("input_ids", "position_ids"):
+            profile.add(input_name, min=(1, 1), opt=(2, 7), max=(2, 16))
+        network = ModifyNetworkOutputs(NetworkFromOnnxPath(str(graph)), outputs=sorted(set(mapped.values())))
+        SaveEngine(EngineFromNetwork(network, CreateConfig(tf32=False, profiles=[profile])),
+                   str(graph.with_suffix(".engine")))()
+        port = TrtEnginePort(graph.with_suffix(".engine"))
+        report = locate_whole(model, port, SHAPE, port.tap_map(golden_order(model.config), 2, None))
+        if fault is None:
+            assert report.exit_code == 0 and len(report.check.results) == len(mapped), report.text()
+        else:
+            assert report.first_failure.name == "layer_1.mlp.act", report.text()
+
+
+def test_an_engine_candidate_without_tensorrt_is_bad_usage(tmp_path):
+    from parity.backends import skip_reason
+
+    if skip_reason("tensorrt") is None:
+        pytest.skip("TensorRT and a GPU are here: the engine runs (test_engine_built_from_the_export_...)")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not run here")
+    assert main(["locate", "--model", "tiny", "--candidate", str(engine)]) == 2

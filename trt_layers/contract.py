@@ -131,6 +131,7 @@ API: dict[str, Api] = dict([
     ("tensorrt.IBuilderConfig", Api(TENSORRT)),
     ("tensorrt.IBuilderConfig.clear_flag", Api(TENSORRT, "(flag)")),
     ("tensorrt.BuilderFlag.TF32", Api(TENSORRT)),
+    ("tensorrt.__version__", Api(TENSORRT)),
     # the fast path: checkpoint, BuildConfig + PluginConfig, build, engine, runner
     _class(BUILDER, "tensorrt_llm.builder.BuildConfig",
            "(max_input_len=1024, max_seq_len=None, opt_batch_size=8, max_batch_size=2048, max_beam_width=1,"
@@ -186,6 +187,23 @@ API: dict[str, Api] = dict([
            " weight_streaming_percent=None, debug_listener=None)"),
     _class(POLYGRAPHY, "polygraphy.backend.trt.EngineFromBytes",
            "(serialized_engine, runtime=None, dla_workspace_allocation_strategy=None)"),
+    # polygraphy: builds an engine from an ONNX graph, outputs marked (locate --candidate's engine test)
+    _class(POLYGRAPHY, "polygraphy.backend.trt.NetworkFromOnnxPath",
+           "(path, flags=None, plugin_instancenorm=None, strongly_typed=None,"
+           " mark_unfused_tensors_as_debug_tensors=None, enable_uint8_asymmetric_quantization_dla=None,"
+           " config=None)"),
+    _class(POLYGRAPHY, "polygraphy.backend.trt.ModifyNetworkOutputs",
+           "(network, outputs=None, exclude_outputs=None, mark_layer_types=None)"),
+    _class(POLYGRAPHY, "polygraphy.backend.trt.EngineFromNetwork",
+           "(network, config=None, save_timing_cache=None, runtime=None, dla_workspace_allocation_strategy=None)"),
+    ("polygraphy.backend.trt.CreateConfig",  # profiles reaches it through **kwargs, as its docstring lists
+     Api(POLYGRAPHY, "(tf32=None, fp16=None, int8=None, fp8=None, bf16=None, calibrator=None, use_dla=None,"
+                     " allow_gpu_fallback=None, profiles=None)", returns="polygraphy.backend.trt.CreateConfig")),
+    _class(POLYGRAPHY, "polygraphy.backend.trt.SaveEngine", "(engine, path)"),
+    ("polygraphy.backend.trt.SaveEngine.__call__", Api(POLYGRAPHY, "()")),
+    _class(POLYGRAPHY, "polygraphy.backend.trt.Profile", "()"),
+    ("polygraphy.backend.trt.Profile.add", Api(POLYGRAPHY, "(name, min, opt, max)",
+                                               returns="polygraphy.backend.trt.Profile")),
 ])
 
 # Imports from these are checked; the project's own code and other libraries are not.
