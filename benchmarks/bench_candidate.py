@@ -34,8 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parity.check import UsageError  # noqa: E402
-from parity.cli import check_output_file  # noqa: E402
+from parity.cli import report_file  # noqa: E402
 from reference import DeciCoderConfig, random_model  # noqa: E402
 from reference.inputs import CaseShape, make_inputs  # noqa: E402
 
@@ -132,7 +131,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--polygraphy", action="store_true", help="also run polygraphy's mark-all on the export")
     parser.add_argument("--cap-gib", type=float, default=20.0,
                         help="address-space cap of polygraphy's process, GiB; default 20")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", metavar="PATH", type=report_file("--json"), help="also write the figures as JSON")
     parser.add_argument("--locate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if (args.export is None) == (args.candidate is None):
@@ -142,11 +141,6 @@ def parse_args() -> argparse.Namespace:
     context = DeciCoderConfig.from_preset(MODEL).max_position_embeddings
     if not 1 <= args.seq_len <= context or args.repeats < 1:
         parser.error(f"--seq-len must lie in [1, {context}] and --repeats be positive")
-    if args.json:
-        try:
-            check_output_file("--json", args.json)
-        except UsageError as e:
-            parser.error(str(e))
     return args
 
 

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parity.check import UsageError, build_candidate  # noqa: E402
-from parity.cli import check_output_file  # noqa: E402
+from parity.check import build_candidate  # noqa: E402
+from parity.cli import report_file  # noqa: E402
 from parity.locate import locate  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
 from reference.inputs import CaseShape, make_inputs, past_names  # noqa: E402
@@ -146,7 +146,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs; default cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each bare forward, median taken; default 3")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", metavar="PATH", type=report_file("--json"), help="also write the figures as JSON")
     parser.add_argument("--locate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     decode, context = args.phase == "decode", DeciCoderConfig.from_preset(args.model).max_position_embeddings
@@ -163,11 +163,6 @@ def parse_args() -> argparse.Namespace:
                      f"{context} positions")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
-    if args.json:
-        try:
-            check_output_file("--json", args.json)
-        except UsageError as e:
-            parser.error(str(e))
     return args
 
 

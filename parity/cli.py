@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -218,6 +218,18 @@ def check_output_file(option: str, path: str, suffix: str | None = None) -> None
             target.unlink()
     except OSError as e:
         raise UsageError(f"{option} {path}: cannot write ({e.strerror})") from None
+
+
+def report_file(option: str) -> Callable[[str], str]:
+    """An argparse ``type`` for a report path (the benchmarks' --json): check_output_file's checks,
+    failing as argparse fails (exit 2, one line) before any work."""
+    def parse(path: str) -> str:
+        try:
+            check_output_file(option, path)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option} ")) from None
+        return path
+    return parse
 
 
 def _existing_ancestor(path: Path) -> Path:
