@@ -59,9 +59,14 @@ class OnnxPort:
         self.scopes = GraphScopes(self.model.graph)
         self._shared: list[tuple[onnx.ModelProto, object]] = []  # (segment, its session), for run_layer
 
-    def check_config(self, config: DeciCoderConfig, dtype: torch.dtype) -> None:
+    def check_config(self, config: DeciCoderConfig, dtype: torch.dtype, run_here: bool = True) -> None:
         """UsageError unless the graph holds a [vocab, hidden] table (the embedding) of ``dtype``: a graph of
-        another model, or another dtype, is a wrong pairing with --model / --dtype, not a divergence."""
+        another model, or another dtype, is a wrong pairing with --model / --dtype, not a divergence. A
+        graph ONNX Runtime runs here must be fp32: its CPU computes most fp16 ops in fp32, and a verdict
+        would name a dtype that was not computed."""
+        if run_here and dtype != torch.float32:
+            raise UsageError(f"--candidate {self.path}: ONNX Runtime's CPU computes most fp16/bf16 ops in fp32, so a "
+                             "verdict here would not be that dtype's: judge an fp32 export (or an engine)")
         shape = [config.vocab_size, config.hidden_size]
         tables = [t for t in self.model.graph.initializer if list(t.dims) == shape]
         if not tables:

@@ -43,8 +43,8 @@ class TrtEnginePort:
         return f"TensorRT engine {self.path.name} run by TensorRT {tensorrt.__version__} (polygraphy TrtRunner)"
 
     def check_config(self, config: DeciCoderConfig, dtype: torch.dtype) -> None:
-        if self.graph is not None:
-            self.graph.check_config(config, dtype)
+        if self.graph is not None:  # TensorRT computes in the engine's dtype: fp16 is fp16 there
+            self.graph.check_config(config, dtype, run_here=False)
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The ONNX source's mapping (and ``tap_map``'s); without a source, ``tap_map`` alone."""
