@@ -29,7 +29,7 @@ from reference import DeciCoderConfig, DeciCoderForCausalLM, capture_taps
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs
 from reference.taps import LAYER_TAPS
-from trt_layers.network import shared_arena
+from trt_layers.network import beside_the_golden
 
 from .check import CheckResult, UsageError, _candidate_stage
 from .compare import TOLERANCES, TapResult, compare_taps, first_failure
@@ -135,13 +135,10 @@ class OnnxPort:
         # External weights are read from beside the graph, by this segment's session alone.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.path.resolve().parent))
-        # Segments draw on one arena, as trt_layers' engines do (network.shared_arena): a session's own
-        # would hold its largest run's activations (GiBs of attention scores at 2048 tokens) while it
-        # lives. Threads stop spinning when a run returns, leaving the cores to the golden.
-        shared_arena()
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        options.enable_mem_pattern = False
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Segments share trt_layers' engine arena: a session's own would hold its largest run's
+        # activations (GiBs of attention scores at 2048 tokens) while it lives. ONNX Runtime's default
+        # graph optimizations stay: this is the candidate as it would run.
+        beside_the_golden(options)
         with _candidate_stage(f"onnxruntime could not load {self.path.name}"):
             return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

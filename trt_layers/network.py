@@ -287,6 +287,24 @@ def shared_arena() -> None:
     onnxruntime.create_and_register_allocator(memory, onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1}))
 
 
+def beside_the_golden(options):
+    """ONNX Runtime session options for engines that take turns with the torch golden, layer by layer.
+
+    Every session draws on one arena (shared_arena): a decoder-layer engine run for layer after layer
+    finds its activation memory (512 MiB of attention scores at 2048 tokens) already mapped instead of
+    faulting it in again at each run, and an engine that is gone leaves its blocks to the next one
+    rather than an arena of its own. The memory pattern would hold a whole run's plan in one block,
+    over the arena's. Threads spin between the ops of a run (sleeping there cost 10% of a layer's run
+    on 16 cores) and stop when the run returns, not spinning through the golden's time.
+    """
+    shared_arena()
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class OnnxBackend(Backend):
     name = "onnx"
 
@@ -308,20 +326,7 @@ class OnnxBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         # Cast-chain elimination (opt-in) would fold the fp16 round trips of onnx_fp16 away.
         options.add_session_config_entry("optimization.enable_cast_chain_elimination", "0")
-        # Every session draws on one arena (shared_arena): a decoder-layer engine run for layer
-        # after layer finds its activation memory (512 MiB of attention scores at 2048 tokens)
-        # already mapped instead of faulting it in again at each run, and an engine that is gone
-        # leaves its blocks to the next one rather than an arena of its own.
-        shared_arena()
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        # The memory pattern would hold a whole run's plan in one block, over the arena's.
-        options.enable_mem_pattern = False
-        # Engines take turns with the torch golden on the same cores: ONNX Runtime's threads spin
-        # between the ops of a run (sleeping there cost 10% of a layer's run on 16 cores), and stop
-        # when the run returns, not spinning through the golden's time.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        return options
+        return beside_the_golden(options)
 
     @staticmethod
     @functools.cache
