@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parity.cli import report_file  # noqa: E402
+from parity.export import export_llama  # noqa: E402
 from reference import DeciCoderConfig, random_model  # noqa: E402
 from reference.inputs import CaseShape, make_inputs  # noqa: E402
 
@@ -43,17 +44,9 @@ MODEL = "decicoder-1b"
 
 def export(directory: Path) -> Path:
     """transformers' Llama over the reference's seeded weights, exported by torch.onnx's dynamo exporter."""
-    from reference.oracle import llama_from_reference
-
-    llama = llama_from_reference(random_model(DeciCoderConfig.from_preset(MODEL), seed=0), attn_implementation="sdpa")
-    ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
-    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}, "use_cache": None}
-    program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
-                                                   "use_cache": False}, dynamo=True, dynamic_shapes=dynamic)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "llama.onnx"
-    program.save(str(path), external_data=True)
-    return path
+    model = random_model(DeciCoderConfig.from_preset(MODEL), seed=0)
+    return export_llama(model, directory / "llama.onnx", external_data=True)
 
 
 def _child(argv: list[str], cap_bytes: int | None = None) -> dict:

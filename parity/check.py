@@ -27,7 +27,7 @@ class CandidateError(Exception):
 
 
 @contextlib.contextmanager
-def _candidate_stage(what: str) -> Iterator[None]:
+def candidate_stage(what: str) -> Iterator[None]:
     """Report any failure inside as the candidate's, prefixed with ``what``."""
     try:
         yield
@@ -49,16 +49,16 @@ class CandidateBackend(Backend):
         return self.backend.description
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
-        with _candidate_stage(f"the candidate failed to build {name}"):
+        with candidate_stage(f"the candidate failed to build {name}"):
             engine = self.backend.build(name, specs, graph, config, dtype)
         infer, refit = engine.infer, engine.refit
 
         def checked_infer(feed):
-            with _candidate_stage(f"the candidate failed to run {name}"):
+            with candidate_stage(f"the candidate failed to run {name}"):
                 return infer(feed)
 
         def checked_refit(weights):
-            with _candidate_stage(f"the candidate failed to refit {name}"):
+            with candidate_stage(f"the candidate failed to refit {name}"):
                 refit(weights)
 
         engine.infer, engine.refit = checked_infer, checked_refit

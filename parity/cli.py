@@ -352,10 +352,12 @@ def _validate_external(args: argparse.Namespace) -> None:
     clashes = [option for option, given in (("--component", args.component not in (None, "causal_lm")),
                                             ("--phase decode", args.phase == "decode"),
                                             ("--past-len", bool(args.past_len)), ("--inject", args.inject),
-                                            ("--backend", args.backend != "auto"), ("--kv-heads", args.kv_heads))
+                                            ("--backend", args.backend != "auto"), ("--kv-heads", args.kv_heads),
+                                            ("--device cuda", args.device == "cuda"))
                if given]
     if clashes:
-        raise UsageError(f"--candidate judges a whole-model graph in prefill: drop {', '.join(clashes)}")
+        raise UsageError(f"--candidate judges a whole-model graph in prefill, the golden on the CPU: drop "
+                         f"{', '.join(clashes)}")
     for option, path in (("--candidate", args.candidate), ("--tap-map", args.tap_map)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{option} {path}: no such file")

@@ -229,3 +229,17 @@ _FAULTY_TO_MAKE = ("faulty.onnx: a failing copy of the graph with the same tenso
                    "export --inject BUG writes one with a catalog bug")
 _FP16_FROM_FP32 = ("(export this component in fp32: `polygraphy debug precision` starts from the fp32 graph "
                    "and its fp32 golden values)")
+
+
+def export_llama(model: DeciCoderForCausalLM, path: Path, external_data: bool = False) -> Path:
+    """transformers' LlamaForCausalLM over ``model``'s own weights, written by torch.onnx's dynamo exporter
+    (module paths in each node's metadata): a port this project did not write, for ``locate --candidate``."""
+    from reference.oracle import llama_from_reference
+
+    llama = llama_from_reference(model, attn_implementation="sdpa")
+    ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}, "use_cache": None}
+    program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
+                                                   "use_cache": False}, dynamo=True, dynamic_shapes=dynamic)
+    program.save(str(path), external_data=external_data)
+    return path

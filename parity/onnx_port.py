@@ -31,7 +31,7 @@ from reference.inputs import CaseShape, make_inputs
 from reference.taps import LAYER_TAPS
 from trt_layers.network import beside_the_golden
 
-from .check import CheckResult, UsageError, _candidate_stage
+from .check import CheckResult, UsageError, candidate_stage
 from .compare import TOLERANCES, TapResult, compare_taps, first_failure
 from .locate import LocateReport, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
@@ -139,12 +139,12 @@ class OnnxPort:
         # activations (GiBs of attention scores at 2048 tokens) while it lives. ONNX Runtime's default
         # graph optimizations stay: this is the candidate as it would run.
         beside_the_golden(options)
-        with _candidate_stage(f"onnxruntime could not load {self.path.name}"):
+        with candidate_stage(f"onnxruntime could not load {self.path.name}"):
             return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _run(self, session, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         wanted = {spec.name for spec in session.get_inputs()}
-        with _candidate_stage(f"{self.path.name} failed to run"):
+        with candidate_stage(f"{self.path.name} failed to run"):
             return dict(zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in wanted})))
 
     def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -291,11 +291,11 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
             if detail is None and first_failure(layer) is not None:  # where inside this layer?
                 detail = (i, _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance))
             hidden, cut = candidate[out], out
-        head = [tap for tap in ("final_norm", "logits") if tap in mapped]
-        golden_norm = model.model.norm(torch.from_numpy(hidden))
-        golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
-        candidate = port.run({**feed, cut: hidden}, [mapped[tap] for tap in head], cut)
-        results += _judge(golden, candidate, mapped, tolerance, head)
+        if head := [tap for tap in ("final_norm", "logits") if tap in mapped]:
+            golden_norm = model.model.norm(torch.from_numpy(hidden))
+            golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
+            candidate = port.run({**feed, cut: hidden}, [mapped[tap] for tap in head], cut)
+            results += _judge(golden, candidate, mapped, tolerance, head)
     report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
     report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
                         "and the head on that same input: each row judges that piece alone.")

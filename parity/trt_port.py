@@ -19,7 +19,7 @@ import torch
 from reference import DeciCoderConfig
 
 from .backends import skip_reason
-from .check import UsageError, _candidate_stage
+from .check import UsageError, candidate_stage
 from .onnx_port import OnnxPort
 from .tapmap import TapMapError, load_tap_map
 
@@ -69,7 +69,7 @@ class TrtEnginePort:
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        with _candidate_stage(f"{self.path.name} failed to load or run"):
+        with candidate_stage(f"{self.path.name} failed to load or run"):
             with TrtRunner(EngineFromBytes(BytesFromPath(str(self.path)))) as runner:
                 wanted = runner.get_input_metadata().keys()
                 produced = runner.infer({name: array for name, array in feed.items() if name in wanted})

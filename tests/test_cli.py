@@ -76,6 +76,7 @@ BAD_INPUTS = [
     (["locate", "--candidate", "{file}", "--inject", "rope_interleaved", "--phase", "decode"],
      "drop --phase decode, --inject"),
     (["locate", "--tap-map", "{file}"], "--tap-map maps the taps of a --candidate graph: add --candidate"),
+    (["locate", "--candidate", "{file}", "--device", "cuda"], "the golden on the CPU: drop --device cuda"),
     (["report", "--component", "no_such_component"], "--component: invalid choice"),
     (["list-bugs", "--all"], "unrecognized arguments: --all"),
 ]

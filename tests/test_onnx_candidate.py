@@ -7,28 +7,27 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from parity.check import UsageError
 from parity.compare import first_failure
+from parity.export import export_llama
 from parity.cli import main
 from parity.onnx_port import OnnxPort, golden_order, locate_onnx
 from reference import DeciCoderConfig, random_model
 from reference.inputs import CaseShape
-from reference.oracle import llama_from_reference
 
 SHAPE = CaseShape(batch=2, seq_len=7, past_len=0)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_model(DeciCoderConfig.from_preset("tiny"), seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
 def export(model, tmp_path_factory):
-    return _export(model, tmp_path_factory)
+    return onnx.load(str(export_llama(model, tmp_path_factory.mktemp("export") / "llama.onnx")))
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +38,7 @@ def deep_model():
 
 @pytest.fixture(scope="module")
 def deep_export(deep_model, tmp_path_factory):
-    return _export(deep_model, tmp_path_factory)
-
-
-def _export(model, tmp_path_factory):
-    """transformers' LlamaForCausalLM over the reference's weights, as the dynamo exporter writes it."""
-    llama = llama_from_reference(model, attn_implementation="sdpa")
-    ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
-    program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
-                                                   "use_cache": False},
-                                dynamo=True, verbose=False,
-                                dynamic_shapes={"input_ids": {0: "batch", 1: "seq"},
-                                                "position_ids": {0: "batch", 1: "seq"}, "use_cache": None})
-    path = tmp_path_factory.mktemp("export") / "llama.onnx"
-    program.save(str(path))
-    return onnx.load(str(path))
+    return onnx.load(str(export_llama(deep_model, tmp_path_factory.mktemp("export") / "llama.onnx")))
 
 
 def _scope(node):
