@@ -29,6 +29,7 @@ from reference import DeciCoderConfig, DeciCoderForCausalLM, capture_taps
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs
 from reference.taps import LAYER_TAPS
+from trt_layers import attention_blocks
 from trt_layers.network import beside_the_golden
 
 from .check import CheckResult, UsageError, candidate_stage
@@ -97,8 +98,9 @@ class OnnxPort:
 
     @functools.cached_property
     def _extractor(self) -> Extractor:
-        # The cut tensors need value infos: onnx 1.19's Extractor infers them, 1.23's does not.
-        return Extractor(onnx.shape_inference.infer_shapes(self.model))
+        # The cut tensors need value infos: onnx 1.19's Extractor infers them, 1.23's does not. Data
+        # propagation resolves the head counts behind torch.onnx's computed reshapes (attention_blocks).
+        return Extractor(onnx.shape_inference.infer_shapes(self.model, data_prop=True))
 
     def run(self, feed: dict[str, np.ndarray], outputs: list[str], cut: str | None = None) -> dict[str, np.ndarray]:
         """Run the part of the graph that computes ``outputs``, from tensor ``cut`` (fed in ``feed``)
@@ -136,9 +138,11 @@ class OnnxPort:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.path.resolve().parent))
         # Segments share trt_layers' engine arena: a session's own would hold its largest run's
-        # activations (GiBs of attention scores at 2048 tokens) while it lives. ONNX Runtime's default
-        # graph optimizations stay: this is the candidate as it would run.
+        # activations while it lives. ONNX Runtime's default graph optimizations stay: this is the
+        # candidate as it would run, but for unmarked attention, run a few heads at a time as in
+        # trt_layers' engines: the same bits, without 2.5 GiB of whole scores a layer at 2048 tokens.
         beside_the_golden(options)
+        model = attention_blocks.scores_in_head_blocks(model, attention_blocks.shapes_of(model))
         with candidate_stage(f"onnxruntime could not load {self.path.name}"):
             return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

@@ -61,6 +61,7 @@ class Network:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.output_names: set[str] = set()
+        self.shapes: dict[str, tuple[int, ...]] = {}  # every value's build-time shape (-1 = dynamic)
         self._counters: dict[str, itertools.count] = {}
 
     def unique(self, prefix: str) -> str:
@@ -70,6 +71,7 @@ class Network:
     def add_input(self, name: str, dtype: str, shape: Sequence[int], dim_names: Sequence[str | None]) -> "Tensor":
         dims = [d if s == -1 else s for s, d in zip(shape, dim_names)]
         self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype][0], dims))
+        self.shapes[name] = tuple(shape)
         return Tensor(name, dtype, tuple(shape))
 
     def folded(self, dtype: str, shape: Sequence[int], value: np.ndarray | list | None) -> "Tensor | None":
@@ -84,6 +86,7 @@ class Network:
             return constant
         name = self.unique(op.lower())
         output = Tensor(f"{name}:0", dtype, tuple(shape), value)
+        self.shapes[output.name] = output.shape
         input_names = [t if isinstance(t, str) else t.name for t in inputs]
         self.nodes.append(helper.make_node(op, input_names, [output.name], name=name, **attributes))
         return output
@@ -95,6 +98,7 @@ class Network:
             raise TypeError(f"constant: numpy dtype {array.dtype} has no TensorRT counterpart")
         name = name or self.unique("const")
         self.constants[name] = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array 1-d
+        self.shapes[name] = tuple(array.shape)
         value = array if dtype in ("int32", "int64", "bool") and array.size <= 16 else None
         return Tensor(name, dtype, tuple(array.shape), value, is_constant=True)
 
@@ -225,6 +229,8 @@ class Tensor:
             net.folds = {new_name if folded == self._name else folded: (new_name if source == self._name else source,
                                                                         compute)
                          for folded, (source, compute) in net.folds.items()}
+        if self._name in net.shapes:
+            net.shapes[new_name] = net.shapes.pop(self._name)
         for node in net.nodes:
             node.input[:] = [new_name if n == self._name else n for n in node.input]
             node.output[:] = [new_name if n == self._name else n for n in node.output]

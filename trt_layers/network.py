@@ -34,7 +34,7 @@ from reference.inputs import CaseShape, past_names
 from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
-from . import lowering, onnx_fp16
+from . import attention_blocks, lowering, onnx_fp16
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
 from .weights import layer_prefix
 
@@ -194,7 +194,9 @@ class Engine:
 class OnnxEngine(Engine):
     """A lowered graph under polygraphy's ``OnnxrtRunner``, its weights fed as inputs at each run
     (in place, no copy), so that ``refit`` swaps them as TensorRT's Refitter swaps an engine's:
-    one decoder-layer engine serves every layer."""
+    one decoder-layer engine serves every layer. ``model`` is the lowering op by op, every tensor
+    there to mark for polygraphy; the session runs it with unmarked attention in head blocks
+    (``attention_blocks``), which computes the same bits."""
 
     refittable = True
 
@@ -344,7 +346,8 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
-        lowered = network.to_onnx(weights)
+        # Unmarked attention runs a few heads at a time, as TensorRT's fused kernel never holds the scores.
+        lowered = attention_blocks.scores_in_head_blocks(network.to_onnx(weights), network.shapes)
         # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
         model = onnx_fp16.round_each_op_to_fp16(lowered)
         if model is not lowered and (gap := self.fp16_rounding_gap()):
@@ -353,7 +356,6 @@ class OnnxBackend(Backend):
         # the time, graphs past protobuf's 2 GiB still load, and refit swaps them.
         session = onnxruntime.InferenceSession(model.SerializeToString(), self.session_options(),
                                                providers=["CPUExecutionProvider"])
-        # ``model`` is the graph that ran, so that polygraphy re-runs exactly this arithmetic.
         return OnnxEngine(OnnxrtRunner(session, name="onnx-lowering"), network, weights)
 
 

@@ -1,0 +1,124 @@
+"""Attention in head blocks (trt_layers.attention_blocks): where the onnx backend rewrites the chain,
+it computes the lowering's bits; where the chain is marked or not per head, it stays whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import DTYPES
+from parity.check import build_candidate, needs_decode_graph
+from parity.compare import first_failure
+from parity.locate import locate
+from reference.inputs import CaseShape, make_inputs
+from reference.taps import real_outputs
+from trt_layers import attention_blocks
+from trt_layers.bugs import BUGS
+from trt_layers.network import OnnxBackend, to_feed
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(model.SerializeToString(), OnnxBackend.session_options(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _attention(heads: int, bias_heads: int = 1, softmax_axis: int = -1, mark_scores: bool = False):
+    """softmax(q k_t + bias) v over ``heads`` heads, with its build-time shapes."""
+    shapes = {"q": (1, heads, 5, 4), "k_t": (1, heads, 4, 6), "v": (1, heads, 6, 4), "bias": (1, bias_heads, 5, 6),
+              "scores": (1, heads, 5, 6), "masked": (1, heads, 5, 6), "probs": (1, heads, 5, 6),
+              "context": (1, heads, 5, 4)}
+    nodes = [helper.make_node("MatMul", ["q", "k_t"], ["scores"], name="qk"),
+             helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=softmax_axis),
+             helper.make_node("MatMul", ["probs", "v"], ["context"], name="pv")]
+    values = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()}
+    outputs = [values["context"]] + ([values["scores"]] if mark_scores else [])
+    graph = helper.make_graph(nodes, "attention", [values[n] for n in ("q", "k_t", "v", "bias")], outputs)
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal(shapes[name], dtype=np.float32) for name in ("q", "k_t", "v", "bias")}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), shapes, feed
+
+
+def _blocks(model: onnx.ModelProto) -> int:
+    return sum(node.op_type == "MatMul" and node.name.startswith("qk/") for node in model.graph.node)
+
+
+@pytest.mark.parametrize("heads, blocks", [(6, 2), (8, 2), (9, 3), (32, 8)])
+def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks):
+    model, shapes, feed = _attention(heads)
+    whole = _run(model, feed)
+    rewritten = attention_blocks.scores_in_head_blocks(model, shapes)
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert _blocks(rewritten) == blocks
+    np.testing.assert_array_equal(_run(rewritten, feed)[0], whole[0])
+
+
+@pytest.mark.parametrize("why, kwargs", [
+    ("an operand differs per head", {"heads": 8, "bias_heads": 8}),
+    ("softmax over the queries", {"heads": 8, "softmax_axis": 2}),
+    ("scores marked", {"heads": 8, "mark_scores": True}),
+    ("one block's worth of heads", {"heads": attention_blocks.HEADS_PER_BLOCK}),
+])
+def test_the_chain_stays_whole(why, kwargs):
+    model, shapes, _ = _attention(**kwargs)
+    nodes = [node.name for node in model.graph.node]
+    assert [node.name for node in attention_blocks.scores_in_head_blocks(model, shapes).graph.node] == nodes, why
+
+
+def _spy_rewrites(monkeypatch) -> list[onnx.ModelProto]:
+    """The graphs the onnx backend hands ONNX Runtime, after the head-block rewrite."""
+    rewritten = []
+    rewrite = attention_blocks.scores_in_head_blocks
+
+    def spy(model, shapes):
+        rewritten.append(rewrite(model, shapes))
+        return rewritten[-1]
+
+    monkeypatch.setattr(attention_blocks, "scores_in_head_blocks", spy)
+    return rewritten
+
+
+@pytest.mark.parametrize("layout", ["kvheads8", "kvheads2", "kvheads1", "variant"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("component, shape", [
+    ("gqa_masked", CaseShape(2, 33, 0)), ("gqa_unmasked", CaseShape(2, 1, 40)),
+    ("decoder_layer", CaseShape(1, 17, 0)), ("decoder_layer", CaseShape(1, 3, 9)),
+], ids=["gqa_masked", "gqa_unmasked", "decoder_layer-prefill", "decoder_layer-decode"])
+def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, monkeypatch, layout, dtype,
+                                                                     component, shape):
+    """Marked as shipped (real outputs only), the port's attention runs in blocks; the graph saved
+    for polygraphy (engine.model, op by op) gives the same bits."""
+    rewritten = _spy_rewrites(monkeypatch)
+    model = reference_model(layout, DTYPES[dtype])
+    engine = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
+                             marked=list(real_outputs(component)))
+    assert _head_block_concats(rewritten[0]) == 1
+    feed = to_feed(make_inputs(component, model.config, shape, DTYPES[dtype]))
+    actual = engine.infer(feed)
+    for name, expected in zip(actual, _run(engine.model, feed)):
+        np.testing.assert_array_equal(actual[name], expected, err_msg=name)
+
+
+def _head_block_concats(model: onnx.ModelProto) -> int:
+    return sum(node.name.endswith("/concat_heads") for node in model.graph.node)
+
+
+def test_a_tapped_attention_runs_whole(reference_model, monkeypatch):
+    """Every tap marked (scores and probs among them): nothing to rewrite, as TensorRT fuses nothing."""
+    rewritten = _spy_rewrites(monkeypatch)
+    build_candidate("gqa_masked", reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), decode=False)
+    assert _head_block_concats(rewritten[0]) == 0
+
+
+@pytest.mark.parametrize("bug", ["causal_mask_missing", "decode_masked"])
+def test_a_mask_bug_survives_the_blocks(reference_model, monkeypatch, bug):
+    """The blocks take the port's own mask: its real outputs, run in blocks, still diverge."""
+    rewritten = _spy_rewrites(monkeypatch)
+    bug = BUGS[bug]
+    report = locate(bug.component, reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), bug.shape, bug)
+    assert [_head_block_concats(model) for model in rewritten] == [1, 0]  # shipped, then every tap marked
+    assert first_failure(report.outputs_only) is not None
