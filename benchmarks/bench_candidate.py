@@ -2,6 +2,7 @@
 
     python benchmarks/bench_candidate.py --export DIR                   # DIR/llama.onnx (+ .data), once
     python benchmarks/bench_candidate.py --candidate DIR/llama.onnx --seq-len 2048 --json out.json --polygraphy
+    python benchmarks/bench_candidate.py --candidate DIR/llama.onnx --variants   # + renamed and faulty copies
 
 The export is transformers' LlamaForCausalLM over the seeded fp32 decicoder-1b weights (the
 reference's own tensors), written by torch.onnx's dynamo exporter with its weights beside it. In one
@@ -9,11 +10,13 @@ run: the reference bare (median of --repeats after a warm-up), the candidate bar
 session over the whole graph, then runs: median), `locate --candidate` in a fresh process (its wall
 time and peak RSS, VmHWM, weights and inputs included), and with --polygraphy, `polygraphy run
 --onnxrt --onnx-outputs '*'` (every tensor marked, polygraphy's way to localize) in a fresh process,
-its address space capped at --cap-gib so that running out of memory fails it, not the machine.
+its address space capped at --cap-gib so that running out of memory fails it, not the machine. With
+--variants, the CLI's `locate --candidate` (exit code and verdict) on the export renamed and mapped
+with --tap-map, and on each one-node fault of parity.export_edits.
 
 Targets (issue 13, as issue 12 sets them for trt_layers): locate <= 1.25x (reference + candidate
 build + candidate run); peak RSS <= weights + 2 GiB. Beside them: the resident memory the bare
-candidate's runs add to its session (its activations, the floor of any run of that graph).
+candidate's runs add to its session (its activations, the graph run whole, op by op).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +83,36 @@ def locate_only(candidate: Path, shape: CaseShape) -> dict:
             "verdict": "PASSED" if report.exit_code == 0 else report.verdict()}
 
 
+def variants(candidate: Path, seq_len: int) -> list[dict]:
+    """`python -m parity locate --candidate` (the CLI, in a fresh process) on the export renamed (mapped
+    with --tap-map) and with each fault of export_edits, saved beside it: exit code, verdict, time, peak."""
+    from parity.export_edits import FAULTS, edited, renamed
+    from parity.onnx_port import OnnxPort, golden_order
+
+    config = DeciCoderConfig.from_preset(MODEL)
+    graph = onnx.load(str(candidate), load_external_data=False)
+    names = {}
+    copy = edited(graph, lambda model: names.update(renamed(model)))
+    mapped = OnnxPort(candidate).tap_map(golden_order(config), config.num_hidden_layers, None)
+    tap_map = candidate.with_name("renamed_map.json")
+    tap_map.write_text(json.dumps({tap: names.get(tensor, tensor) for tap, tensor in mapped.items()}, indent=1))
+    onnx.save(copy, str(candidate.with_name("renamed.onnx")))
+    cases = [("renamed, --tap-map", candidate.with_name("renamed.onnx"), ["--tap-map", str(tap_map)], 0, "PASSED", "")]
+    for fault, (layer, tap) in FAULTS.items():
+        path = candidate.with_name(f"{fault.__name__}.onnx")
+        onnx.save(edited(graph, fault), str(path))
+        cases.append((fault.__name__, path, [], 1, f"layer_{layer}.out (", f"inside layer {layer}: {tap} "))
+    results = []
+    for name, path, extra, expected, *where in cases:
+        run = _child([sys.executable, "-m", "parity", "locate", "--model", MODEL, "--candidate", str(path),
+                      "--seq-len", str(seq_len), *extra])
+        verdict = (run["stdout"].strip().splitlines() or [""])[-1]
+        results.append({"case": name, "returncode": run["returncode"], "expected_returncode": expected,
+                        "verdict": verdict, "seconds": run["seconds"], "peak_rss_gib": run["peak_rss_gib"],
+                        "met": run["returncode"] == expected and all(text in verdict for text in where)})
+    return results
+
+
 def bare_runs(candidate: Path, shape: CaseShape, repeats: int) -> dict:
     import onnxruntime
 
@@ -122,6 +156,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="prompt tokens (batch 1); default 128")
     parser.add_argument("--repeats", type=int, default=3, help="timed bare runs, median taken; default 3")
     parser.add_argument("--polygraphy", action="store_true", help="also run polygraphy's mark-all on the export")
+    parser.add_argument("--variants", action="store_true",
+                        help="also run `python -m parity locate --candidate` on a renamed copy (with --tap-map) and on "
+                             "each faulty copy of parity.export_edits, written beside the export")
     parser.add_argument("--cap-gib", type=float, default=20.0,
                         help="address-space cap of polygraphy's process, GiB; default 20")
     parser.add_argument("--json", metavar="PATH", type=report_file("--json"), help="also write the figures as JSON")
@@ -167,6 +204,8 @@ def main() -> None:
         figures["polygraphy_mark_all"] = {key: marked[key] for key in ("seconds", "peak_rss_gib", "returncode",
                                                                        "error")}
         figures["polygraphy_mark_all"]["cap_gib"] = args.cap_gib
+    if args.variants:
+        figures["variants"] = variants(candidate, args.seq_len)
     report(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
@@ -193,6 +232,10 @@ def report(f: dict) -> None:
         outcome = "ran" if p["returncode"] == 0 else f"failed (exit {p['returncode']}): {p['error']}"
         print(f"  polygraphy run --onnx-outputs '*' {p['seconds']:9.3f} s  peak RSS {p['peak_rss_gib']:.2f} GiB "
               f"(address space capped at {p['cap_gib']:g} GiB); {outcome}")
+    for v in f.get("variants", []):
+        print(f"  {v['case']:<24} exit {v['returncode']} (expected {v['expected_returncode']}: "
+              f"{'met' if v['met'] else 'MISSED'}), {v['seconds']:.1f} s, peak RSS {v['peak_rss_gib']:.2f} GiB: "
+              f"{v['verdict']}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ tensor maps to are listed, never guessed.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ from trt_layers import attention_blocks
 from trt_layers.network import beside_the_golden
 
 from .check import CheckResult, UsageError, candidate_stage
-from .compare import TOLERANCES, TapResult, compare_taps, first_failure
-from .locate import LocateReport, release_freed_memory
+from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
+from .locate import HEAD_BLOCK_BYTES, LocateReport, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
 
 FEEDS = ("input_ids", "position_ids", "attention_mask")
@@ -105,8 +106,17 @@ class OnnxPort:
     def run(self, feed: dict[str, np.ndarray], outputs: list[str], cut: str | None = None) -> dict[str, np.ndarray]:
         """Run the part of the graph that computes ``outputs``, from tensor ``cut`` (fed in ``feed``)
         on if given: only that part's weights are read."""
-        session = self._session(self._extractor.extract_model([*([cut] if cut else []), *self.inputs], outputs))
-        return self._run(session, feed, outputs)
+        return self.segment(outputs, cut)(feed)
+
+    def segment(self, outputs: list[str], cut: str | None = None) -> Callable[[dict[str, np.ndarray]], dict]:
+        """``run``'s part of the graph as a session, to run on several feeds. Its weights are fed in place
+        from the external-data file, as run_layer's are: loaded by the session, lm_head's 384 MiB would be
+        copied and then packed again for its MatMul."""
+        part = self._extractor.extract_model([*([cut] if cut else []), *self.inputs], outputs)
+        folder = self.path.resolve().parent
+        weights = {t.name: initializer_array(t, folder) for t in part.graph.initializer}
+        session = self._session(weights_as_inputs(part))
+        return lambda feed: self._run(session, {**feed, **weights}, outputs)
 
     def run_layer(self, feed: dict[str, np.ndarray], cut: str, out: str) -> np.ndarray:
         """One layer's segment, ``cut`` to ``out``. Layers whose segments have one structure share a
@@ -296,10 +306,13 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
                 detail = (i, _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance))
             hidden, cut = candidate[out], out
         if head := [tap for tap in ("final_norm", "logits") if tap in mapped]:
-            golden_norm = model.model.norm(torch.from_numpy(hidden))
-            golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
-            candidate = port.run({**feed, cut: hidden}, [mapped[tap] for tap in head], cut)
-            results += _judge(golden, candidate, mapped, tolerance, head)
+            head_segment = port.segment([mapped[tap] for tap in head], cut)
+
+            def candidate_head(block: np.ndarray) -> dict[str, np.ndarray]:
+                outputs = head_segment({**feed, cut: block})
+                return {tap: outputs[mapped[tap]] for tap in head}
+
+            results += _judge_head(model, hidden, candidate_head, head, tolerance)
     report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
     report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
                         "and the head on that same input: each row judges that piece alone.")
@@ -311,6 +324,32 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         where = first.name if first else "no mapped tap inside it (map more with --tap-map)"
         report.notes.append(f"Inside layer {detail[0]}, the first diverging tap is {where}.")
     return report
+
+
+def _judge_head(model: DeciCoderForCausalLM, hidden: np.ndarray, candidate_head, taps: list[str],
+                tolerance) -> list[TapResult]:
+    """final_norm and logits of golden and candidate (``candidate_head``: hidden states -> taps) from the
+    same hidden states, a few tokens at a time as trt_layers' head is judged: the head treats each token
+    alone, so blocks compute what the whole would, and whole logits are 384 MiB a side at 2048 tokens."""
+    batch, seq_len, hidden_size = hidden.shape
+    width = {"final_norm": hidden_size, "logits": model.config.vocab_size}
+    judges = {tap: TapJudge(tap, (batch, seq_len, width[tap]), tolerance) for tap in taps}
+    misshapen: dict[str, TapResult] = {}
+    tokens = max(1, HEAD_BLOCK_BYTES // (4 * batch * model.config.vocab_size))
+    for start in range(0, seq_len, tokens):
+        block = np.ascontiguousarray(hidden[:, start:start + tokens])
+        candidate = candidate_head(block)
+        golden_norm = model.model.norm(torch.from_numpy(block))
+        golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
+        for tap, judge in judges.items():
+            if tap in misshapen:
+                continue
+            if candidate[tap].shape != tuple(golden[tap].shape):
+                misshapen[tap] = TapResult(tap, judge.shape, *(float("nan"),) * 4, False,
+                                           f"shape {list(candidate[tap].shape)} from {block.shape[1]} tokens")
+            else:
+                judge.add(golden[tap], candidate[tap])
+    return [misshapen.get(tap) or judges[tap].result() for tap in taps]
 
 
 def _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance) -> list[TapResult]:

@@ -14,7 +14,9 @@ from onnx import numpy_helper
 from parity.check import UsageError
 from parity.compare import first_failure
 from parity.export import export_llama
+from parity.export_edits import FAULTS, find_node, renamed, sigmoid_to_tanh
 from parity.cli import main
+from parity import onnx_port
 from parity.onnx_port import OnnxPort, golden_order, locate_onnx
 from reference import DeciCoderConfig, random_model
 from reference.inputs import CaseShape, make_inputs
@@ -44,51 +46,6 @@ def deep_export(deep_model, tmp_path_factory):
     return onnx.load(str(export_llama(deep_model, tmp_path_factory.mktemp("export") / "llama.onnx")))
 
 
-def _scope(node):
-    return {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
-
-
-def _find(graph, op, scope, where=lambda node: True):
-    return next(n for n in graph.node if n.op_type == op and f"'{scope}'" in _scope(n) and where(n))
-
-
-def _producer(graph, name):
-    return next(n for n in graph.node if name in n.output)
-
-
-def swap_rope_cos_for_sin(model):  # a swapped Mul input: q * sin where q * cos belongs
-    g = model.graph
-    unsq = {n.input[0]: n.output[0] for n in g.node if n.op_type == "Unsqueeze" and n.input[0] in ("cos", "sin")}
-    mul = _find(g, "Mul", "model.layers.1.self_attn", lambda n: unsq["cos"] in n.input)
-    mul.input[list(mul.input).index(unsq["cos"])] = unsq["sin"]
-
-
-def change_norm_eps(model):  # a changed constant: layer 1's post-attention RMSNorm eps, set to 1
-    g = model.graph
-    add = _find(g, "Add", "model.layers.1.post_attention_layernorm",
-                lambda n: any(i in {t.name for t in g.initializer} for i in n.input))
-    eps = next(i for i in add.input if i in {t.name for t in g.initializer})
-    value = numpy_helper.to_array(next(t for t in g.initializer if t.name == eps))
-    g.initializer.append(numpy_helper.from_array(np.ones_like(value), "eps_changed"))
-    add.input[list(add.input).index(eps)] = "eps_changed"
-
-
-def drop_mask_add(model):  # a removed mask add: layer 0's softmax reads the unmasked scores
-    g = model.graph
-    softmax = _find(g, "Softmax", "model.layers.0.self_attn")
-    softmax.input[0] = _producer(g, softmax.input[0]).input[0]
-
-
-def sigmoid_to_tanh(model):  # SiLU's Sigmoid as Tanh, in layer 1's MLP
-    _find(model.graph, "Sigmoid", "model.layers.1.mlp").op_type = "Tanh"
-
-
-# Where each fault shows first: its layer, and the first mapped tap inside it (RoPE and the attention
-# scores sit inside functions, not modules: the attention's output is the first tap after them).
-FAULTS = {swap_rope_cos_for_sin: (1, "attn.context"), change_norm_eps: (1, "post_norm"),
-          drop_mask_add: (0, "attn.context"), sigmoid_to_tanh: (1, "mlp.act")}
-
-
 def _saved(model, tmp_path, edit=None, name="port.onnx"):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -97,24 +54,6 @@ def _saved(model, tmp_path, edit=None, name="port.onnx"):
     path = tmp_path / name
     onnx.save(copy, str(path))
     return path
-
-
-def renamed(model):
-    """Every node and inner tensor renamed to a meaningless name, module paths dropped; and the renaming."""
-    g = model.graph
-    kept = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
-    names = {}
-    for k, node in enumerate(g.node):
-        node.name = f"n{k}"
-        del node.metadata_props[:]
-        for j, out in enumerate(node.output):
-            if out not in kept:
-                names[out] = f"t{k}_{j}"
-    for node in g.node:
-        node.input[:] = [names.get(i, i) for i in node.input]
-        node.output[:] = [names.get(o, o) for o in node.output]
-    del g.value_info[:]
-    return names
 
 
 def _localized(report) -> tuple[int, str]:
@@ -151,6 +90,20 @@ def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_p
     assert sum(node.name.endswith("/concat_heads") for node in rewritten[0].graph.node) == 2  # one per layer
     whole = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([logits_name], feed)[0]
     np.testing.assert_array_equal(logits, whole)
+
+
+def test_the_head_is_judged_a_few_tokens_at_a_time(model, export, tmp_path, monkeypatch):
+    """Three tokens a block of the seven: a clean head passes, and lm_head's weight scaled fails at logits alone."""
+    monkeypatch.setattr(onnx_port, "HEAD_BLOCK_BYTES", 4 * SHAPE.batch * model.config.vocab_size * 3)
+    assert locate_onnx(model, OnnxPort(_saved(export, tmp_path)), SHAPE).exit_code == 0
+
+    def scale_lm_head(graph):
+        matmul = find_node(graph.graph, "MatMul", "lm_head")
+        weight = next(t for t in graph.graph.initializer if t.name == matmul.input[1])
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+
+    report = locate_onnx(model, OnnxPort(_saved(export, tmp_path, scale_lm_head, "head.onnx")), SHAPE)
+    assert [r.name for r in report.check.results if not r.passed] == ["logits"], report.text()
 
 
 def test_graph_without_layer_cuts_runs_whole(model, export, tmp_path):
@@ -212,7 +165,7 @@ def test_layers_of_one_structure_share_a_session_fed_their_own_weights(deep_mode
 def test_a_layer_with_other_weights_is_run_with_them(deep_model, deep_export, tmp_path):
     """Sharing a session must not share weights: layer 3's gate_proj scaled is caught in layer 3."""
     def scale_layer_3_gate(model):
-        matmul = _find(model.graph, "MatMul", "model.layers.3.mlp.gate_proj")
+        matmul = find_node(model.graph, "MatMul", "model.layers.3.mlp.gate_proj")
         weight = next(t for t in model.graph.initializer if t.name == matmul.input[1])
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
 
