@@ -26,30 +26,33 @@ def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray
     return session.run(None, feed)
 
 
-def _attention(heads: int, bias_heads: int = 1, softmax_axis: int = -1, mark_scores: bool = False):
+def _attention(heads: int, bias_heads: int = 1, softmax_axis: int | None = -1, mark_scores: bool = False,
+               opset: int = 18):
     """softmax(q k_t + bias) v over ``heads`` heads, with its build-time shapes."""
     shapes = {"q": (1, heads, 5, 4), "k_t": (1, heads, 4, 6), "v": (1, heads, 6, 4), "bias": (1, bias_heads, 5, 6),
               "scores": (1, heads, 5, 6), "masked": (1, heads, 5, 6), "probs": (1, heads, 5, 6),
               "context": (1, heads, 5, 4)}
     nodes = [helper.make_node("MatMul", ["q", "k_t"], ["scores"], name="qk"),
              helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask"),
-             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=softmax_axis),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax",
+                              **({} if softmax_axis is None else {"axis": softmax_axis})),
              helper.make_node("MatMul", ["probs", "v"], ["context"], name="pv")]
     values = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()}
     outputs = [values["context"]] + ([values["scores"]] if mark_scores else [])
     graph = helper.make_graph(nodes, "attention", [values[n] for n in ("q", "k_t", "v", "bias")], outputs)
     rng = np.random.default_rng(0)
     feed = {name: rng.standard_normal(shapes[name], dtype=np.float32) for name in ("q", "k_t", "v", "bias")}
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), shapes, feed
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), shapes, feed
 
 
 def _blocks(model: onnx.ModelProto) -> int:
     return sum(node.op_type == "MatMul" and node.name.startswith("qk/") for node in model.graph.node)
 
 
-@pytest.mark.parametrize("heads, blocks", [(6, 2), (8, 2), (9, 3), (32, 8)])
-def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks):
-    model, shapes, feed = _attention(heads)
+@pytest.mark.parametrize("heads, blocks, opset", [(6, 2, 18), (8, 2, 18), (9, 3, 18), (32, 8, 18), (8, 2, 11)])
+def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks, opset):
+    """Opset 11 too: its Split takes the sizes as an attribute, not an input."""
+    model, shapes, feed = _attention(heads, opset=opset)
     whole = _run(model, feed)
     rewritten = attention_blocks.scores_in_head_blocks(model, shapes)
     onnx.checker.check_model(rewritten, full_check=True)
@@ -60,6 +63,7 @@ def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks):
 @pytest.mark.parametrize("why, kwargs", [
     ("an operand differs per head", {"heads": 8, "bias_heads": 8}),
     ("softmax over the queries", {"heads": 8, "softmax_axis": 2}),
+    ("opset 11's softmax without an axis spans the heads", {"heads": 8, "softmax_axis": None, "opset": 11}),
     ("scores marked", {"heads": 8, "mark_scores": True}),
     ("one block's worth of heads", {"heads": attention_blocks.HEADS_PER_BLOCK}),
 ])

@@ -93,8 +93,11 @@ def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_p
 
 
 def test_the_head_is_judged_a_few_tokens_at_a_time(model, export, tmp_path, monkeypatch):
-    """Three tokens a block of the seven: a clean head passes, and lm_head's weight scaled fails at logits alone."""
-    monkeypatch.setattr(onnx_port, "HEAD_BLOCK_BYTES", 4 * SHAPE.batch * model.config.vocab_size * 3)
+    """Of the seven tokens, the candidate's head runs six then one, the golden's three at a time: a clean
+    head passes, and lm_head's weight scaled fails at logits alone."""
+    token = 4 * SHAPE.batch * model.config.vocab_size
+    monkeypatch.setattr(onnx_port, "HEAD_BLOCK_BYTES", 3 * token)
+    monkeypatch.setattr(onnx_port, "CANDIDATE_HEAD_BLOCK_BYTES", 6 * token)
     assert locate_onnx(model, OnnxPort(_saved(export, tmp_path)), SHAPE).exit_code == 0
 
     def scale_lm_head(graph):
