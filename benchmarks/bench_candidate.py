@@ -166,8 +166,18 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if (args.export is None) == (args.candidate is None):
         parser.error("give --export DIR or --candidate PATH.onnx")
-    if args.candidate is not None and not Path(args.candidate).is_file():
-        parser.error(f"--candidate {args.candidate}: no such file")
+    try:
+        if args.candidate is not None and not Path(args.candidate).is_file():
+            parser.error(f"--candidate {args.candidate}: no such file")
+        if args.candidate is not None and not Path(args.candidate + ".data").is_file():
+            parser.error(f"--candidate {args.candidate}: no {Path(args.candidate).name}.data beside it (write the "
+                         "export with --export DIR)")
+        if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
+            parser.error(f"--export {args.export}: not a directory")
+    except OSError as e:  # a path the OS refuses (too long, ...)
+        parser.error(f"{e.strerror}: {e.filename}")
+    if not 0 < args.cap_gib < float("inf"):
+        parser.error("--cap-gib must be a positive number of GiB")
     context = DeciCoderConfig.from_preset(MODEL).max_position_embeddings
     if not 1 <= args.seq_len <= context or args.repeats < 1:
         parser.error(f"--seq-len must lie in [1, {context}] and --repeats be positive")

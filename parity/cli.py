@@ -226,7 +226,7 @@ def report_file(option: str) -> Callable[[str], str]:
     def parse(path: str) -> str:
         try:
             check_output_file(option, path)
-        except UsageError as e:
+        except (UsageError, OSError) as e:  # OSError: a path the OS refuses (too long, ...)
             raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option} ")) from None
         return path
     return parse
@@ -360,7 +360,7 @@ def _validate_external(args: argparse.Namespace) -> None:
                          f"{', '.join(clashes)}")
     for option, path in (("--candidate", args.candidate), ("--tap-map", args.tap_map)):
         if path is not None and not Path(path).is_file():
-            raise UsageError(f"{option} {path}: no such file")
+            raise UsageError(f"{option} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
     args.component, args.phase = "causal_lm", "prefill"
 
 
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-    except ValueError as e:  # UsageError, ConfigError, CheckpointError: nothing has run yet
+    except (ValueError, OSError) as e:  # a usage, config or checkpoint error, a path the OS refuses: nothing ran
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
     try:

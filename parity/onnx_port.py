@@ -75,8 +75,31 @@ class OnnxPort:
             raise UsageError(f"--candidate {self.path}: no [{shape[0]}, {shape[1]}] embedding table in it: "
                              f"it is not a model of --model's config (vocab {shape[0]}, hidden {shape[1]})")
         graph_dtype = onnx.helper.tensor_dtype_to_np_dtype(tables[0].data_type)
+        if run_here and graph_dtype != np.float32:
+            raise UsageError(f"--candidate {self.path}: its weights are {graph_dtype}, and ONNX Runtime's CPU computes "
+                             "most fp16 ops in fp32: judge an fp32 export here (or an engine built from it)")
         if graph_dtype != torch.empty(0, dtype=dtype).numpy().dtype:
             raise UsageError(f"--candidate {self.path}: its weights are {graph_dtype}; run with the --dtype they hold")
+        self._check_external_data()
+
+    def _check_external_data(self) -> None:
+        """UsageError unless every weight kept beside the graph is there in full: a missing or cut-short
+        data file is a bad copy of the graph, found before the golden's weights are made."""
+        folder, needed = self.path.resolve().parent, {}
+        for tensor in self.model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                size = int(info.get("length") or np.prod(tensor.dims, dtype=np.int64)
+                           * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+                end = int(info.get("offset", 0)) + size
+                needed[info["location"]] = max(needed.get(info["location"], 0), end)
+        for location, end in needed.items():
+            data = folder / location
+            if not data.is_file():
+                raise UsageError(f"--candidate {self.path}: its weights file {data} is missing")
+            if data.stat().st_size < end:
+                raise UsageError(f"--candidate {self.path}: its weights file {data} is cut short "
+                                 f"({data.stat().st_size} bytes; the graph reads up to byte {end})")
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The automatic mapping, overridden tap by tap by ``tap_map`` (a JSON file)."""
@@ -87,8 +110,13 @@ class OnnxPort:
             except TapMapError as e:
                 raise UsageError(str(e)) from None
         if not mapped:  # nothing would be judged: that is no pass
+            fix = "map taps in --tap-map" if tap_map else "give --tap-map"
             raise UsageError(f"--candidate {self.path}: no golden tap maps to a tensor of it (its nodes carry no "
-                             "module paths the Llama layout names): give --tap-map")
+                             f"module paths the Llama layout names): {fix}")
+        computed = {name for node in self.model.graph.node for name in node.output}
+        if given := [f"{tap} -> {tensor}" for tap, tensor in mapped.items() if tensor not in computed]:
+            raise UsageError(f"--tap-map: {', '.join(given)}: an input or weight of the graph, not a tensor it "
+                             "computes")
         return mapped
 
     @property

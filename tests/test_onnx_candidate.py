@@ -149,6 +149,25 @@ def test_cli_exit_codes(model, export, tmp_path):
     bad_map = tmp_path / "bad.json"
     bad_map.write_text(json.dumps({"layer_{i}.mlp.act": "no_such_tensor"}))
     assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--tap-map", str(bad_map)]) == 2
+    input_map = tmp_path / "input.json"  # a cut at a graph input is a wrong map, not a broken port
+    input_map.write_text(json.dumps({"layer_0.out": "input_ids"}))
+    assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--tap-map", str(input_map)]) == 2
+    assert main(["locate", "--model", "tiny", "--candidate", str(tmp_path / ("x" * 300 + ".onnx"))]) == 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_a_damaged_weights_file_is_bad_usage_found_before_the_golden(export, tmp_path, capsys, monkeypatch, damage):
+    path, copy = tmp_path / "ext.onnx", onnx.ModelProto()
+    copy.CopyFrom(export)  # saving with external data edits the proto it is given
+    onnx.save(copy, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data = tmp_path / "ext.onnx.data"
+    if damage == "missing":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:1000])
+    monkeypatch.setattr("parity.cli.load_model_as", lambda *a: pytest.fail("the golden was built"))
+    assert main(["locate", "--model", "tiny", "--candidate", str(path)]) == 2
+    assert f"weights file {data} is {damage}" in capsys.readouterr().err
 
 
 def test_layers_of_one_structure_share_a_session_fed_their_own_weights(deep_model, deep_export, tmp_path):
