@@ -34,8 +34,8 @@ from trt_layers import attention_blocks
 from trt_layers.network import beside_the_golden
 
 from .check import CheckResult, UsageError, candidate_stage
-from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
-from .locate import HEAD_BLOCK_BYTES, LocateReport, release_freed_memory
+from .compare import TOLERANCES, TapResult, compare_taps, first_failure
+from .locate import LocateReport, judge_head, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
 
 FEEDS = ("input_ids", "position_ids", "attention_mask")
@@ -340,7 +340,7 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
                 outputs = head_segment({**feed, cut: block})
                 return {tap: outputs[mapped[tap]] for tap in head}
 
-            results += _judge_head(model, hidden, candidate_head, head, tolerance)
+            results += judge_head(model, hidden, candidate_head, head, tolerance)
     report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
     report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
                         "and the head on that same input: each row judges that piece alone.")
@@ -352,41 +352,6 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         where = first.name if first else "no mapped tap inside it (map more with --tap-map)"
         report.notes.append(f"Inside layer {detail[0]}, the first diverging tap is {where}.")
     return report
-
-
-# The candidate's head runs on bigger blocks than the golden's: its lm_head weights, fed as an input,
-# are packed for ONNX Runtime's GEMM on every run (runs of 16 MiB of logits took locate to 95 s at
-# 2048 tokens on 2 cores, against 73 s with these).
-CANDIDATE_HEAD_BLOCK_BYTES = 2**27
-
-
-def _judge_head(model: DeciCoderForCausalLM, hidden: np.ndarray, candidate_head, taps: list[str],
-                tolerance) -> list[TapResult]:
-    """final_norm and logits of golden and candidate (``candidate_head``: hidden states -> taps) from the
-    same hidden states, a block of tokens at a time as trt_layers' head is judged: the head treats each
-    token alone, so blocks compute what the whole would, and whole logits are 384 MiB a side at 2048 tokens."""
-    batch, seq_len, hidden_size = hidden.shape
-    vocab = model.config.vocab_size
-    judges = {tap: TapJudge(tap, (batch, seq_len, {"final_norm": hidden_size, "logits": vocab}[tap]), tolerance)
-              for tap in taps}
-    misshapen: dict[str, TapResult] = {}
-    golden_tokens = max(1, HEAD_BLOCK_BYTES // (4 * batch * vocab))
-    candidate_tokens = golden_tokens * max(1, CANDIDATE_HEAD_BLOCK_BYTES // HEAD_BLOCK_BYTES)
-    for start in range(0, seq_len, candidate_tokens):
-        block = np.ascontiguousarray(hidden[:, start:start + candidate_tokens])
-        candidate = candidate_head(block)
-        for tap, judge in judges.items():
-            expected = (batch, block.shape[1], judge.shape[-1])
-            if tap not in misshapen and candidate[tap].shape != expected:
-                misshapen[tap] = TapResult(tap, judge.shape, *(float("nan"),) * 4, False,
-                                           f"shape {list(candidate[tap].shape)} from {block.shape[1]} tokens")
-        for offset in range(0, block.shape[1], golden_tokens):
-            golden_norm = model.model.norm(torch.from_numpy(block[:, offset:offset + golden_tokens]))
-            golden = {"final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
-            for tap, judge in judges.items():
-                if tap not in misshapen:
-                    judge.add(golden[tap], candidate[tap][:, offset:offset + golden_tokens])
-    return [misshapen.get(tap) or judges[tap].result() for tap in taps]
 
 
 def _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance) -> list[TapResult]:
