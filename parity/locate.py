@@ -247,26 +247,23 @@ def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape:
     return report
 
 
-# The head runs a few tokens at a time: whole logits are 384 MiB a side at 2048 tokens. The
-# candidate's blocks are bigger than the golden's: its lm_head weights, fed as an input, are packed
-# for ONNX Runtime's GEMM on every run (with 16 MiB blocks, locate --candidate took 95 s at 2048
-# tokens on 2 cores, against 73 s with these).
+# The head runs a few tokens at a time: whole logits are 384 MiB a side at 2048 tokens.
 HEAD_BLOCK_BYTES = 2**24
-CANDIDATE_HEAD_BLOCK_BYTES = 2**27
 
 
 def judge_head(model: DeciCoderForCausalLM, hidden: np.ndarray, candidate_head: Callable[[np.ndarray], dict],
-               taps: list[str], tolerance) -> list[TapResult]:
+               taps: list[str], tolerance, candidate_block_bytes: int | None = None) -> list[TapResult]:
     """``taps`` (final_norm, logits) of golden and candidate (``candidate_head``: hidden states -> taps)
     from the same hidden states, judged a block of tokens at a time: the head treats each token
-    alone, so blocks compute what the whole would."""
+    alone, so blocks compute what the whole would. The candidate may run on bigger blocks
+    (``candidate_block_bytes`` of logits, default HEAD_BLOCK_BYTES) than the golden's."""
     batch, seq_len, hidden_size = hidden.shape
     vocab = model.config.vocab_size
     judges = {tap: TapJudge(tap, (batch, seq_len, {"final_norm": hidden_size, "logits": vocab}[tap]), tolerance)
               for tap in taps}
     misshapen: dict[str, TapResult] = {}
     golden_tokens = max(1, HEAD_BLOCK_BYTES // (4 * batch * vocab))
-    candidate_tokens = golden_tokens * max(1, CANDIDATE_HEAD_BLOCK_BYTES // HEAD_BLOCK_BYTES)
+    candidate_tokens = golden_tokens * max(1, (candidate_block_bytes or HEAD_BLOCK_BYTES) // HEAD_BLOCK_BYTES)
     for start in range(0, seq_len, candidate_tokens):
         block = np.ascontiguousarray(hidden[:, start:start + candidate_tokens])
         candidate = candidate_head(block)

@@ -17,6 +17,7 @@ from parity.export import export_llama
 from parity.export_edits import FAULTS, find_node, renamed, sigmoid_to_tanh
 from parity.cli import main
 from parity import locate as locate_module
+from parity import onnx_port
 from parity.onnx_port import OnnxPort, golden_order, locate_onnx
 from reference import DeciCoderConfig, random_model
 from reference.inputs import CaseShape, make_inputs
@@ -97,7 +98,7 @@ def test_the_head_is_judged_a_few_tokens_at_a_time(model, export, tmp_path, monk
     head passes, and lm_head's weight scaled fails at logits alone."""
     token = 4 * SHAPE.batch * model.config.vocab_size
     monkeypatch.setattr(locate_module, "HEAD_BLOCK_BYTES", 3 * token)
-    monkeypatch.setattr(locate_module, "CANDIDATE_HEAD_BLOCK_BYTES", 6 * token)
+    monkeypatch.setattr(onnx_port, "CANDIDATE_HEAD_BLOCK_BYTES", 6 * token)
     assert locate_onnx(model, OnnxPort(_saved(export, tmp_path)), SHAPE).exit_code == 0
 
     def scale_lm_head(graph):
