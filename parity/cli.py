@@ -375,8 +375,11 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _check_memory(args.batch, args.seq_len, most_cached, config, args.dtype)
     if args.inject:
         refuse_unshowable(BUGS[args.inject], args.checks, config)
-    backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
-    args.golden_device = _golden_device(args.device, backend.name)
+    if args.candidate is None:
+        backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
+        args.golden_device = _golden_device(args.device, backend.name)
+    else:  # no trt_layers backend runs: the graph's dtype is checked with the graph (check_config)
+        args.golden_device = _golden_device(args.device, "onnx")
     reports = {option: path for option in ("--json", "--markdown", "--plot")
                if (path := getattr(args, option.removeprefix("--"))) is not None}
     if reports and len(args.checks) > 1:

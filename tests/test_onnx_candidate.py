@@ -147,6 +147,7 @@ def test_cli_exit_codes(model, export, tmp_path):
     assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--phase", "decode"]) == 2
     assert main(["locate", "--model", "tiny-variant", "--candidate", str(clean)]) == 2  # another model's graph
     assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--dtype", "fp16"]) == 2  # fp32 weights
+    assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--dtype", "bf16"]) == 2
     bad_map = tmp_path / "bad.json"
     bad_map.write_text(json.dumps({"layer_{i}.mlp.act": "no_such_tensor"}))
     assert main(["locate", "--model", "tiny", "--candidate", str(clean), "--tap-map", str(bad_map)]) == 2
