@@ -49,6 +49,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def head_block_rewrites(monkeypatch) -> list:
+    """The graphs ONNX Runtime is handed after trt_layers.attention_blocks' rewrite, in build order."""
+    from trt_layers import attention_blocks
+
+    rewritten, rewrite = [], attention_blocks.scores_in_head_blocks
+    monkeypatch.setattr(attention_blocks, "scores_in_head_blocks",
+                        lambda model, shapes: rewritten.append(rewrite(model, shapes)) or rewritten[-1])
+    return rewritten
+
+
+def head_block_concats(model) -> int:
+    """How many attention chains of ``model`` run in head blocks (a Concat of the blocks each)."""
+    return sum(node.name.endswith("/concat_heads") for node in model.graph.node)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> DeciCoderConfig:
     return DeciCoderConfig.from_preset("tiny")

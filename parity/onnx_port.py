@@ -88,7 +88,7 @@ class OnnxPort:
         folder, needed = self.path.resolve().parent, {}
         for tensor in self.model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = {entry.key: entry.value for entry in tensor.external_data}
+                info = _external_info(tensor)
                 size = int(info.get("length") or np.prod(tensor.dims, dtype=np.int64)
                            * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
                 end = int(info.get("offset", 0)) + size
@@ -232,11 +232,16 @@ def same_structure(a: onnx.GraphProto, b: onnx.GraphProto) -> dict[str, str] | N
     return {name: names[name] for name in a_weights}
 
 
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """Where an external initializer's bytes lie: location, offset, length."""
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
 def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
     """An initializer's values; external data is mapped from its file, not copied."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return onnx.numpy_helper.to_array(tensor)
-    info = {entry.key: entry.value for entry in tensor.external_data}
+    info = _external_info(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
                      shape=tuple(tensor.dims))

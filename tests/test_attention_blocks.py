@@ -9,7 +9,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import DTYPES
+from conftest import DTYPES, head_block_concats
 from parity.check import build_candidate, needs_decode_graph
 from parity.compare import first_failure
 from parity.locate import locate
@@ -73,56 +73,36 @@ def test_the_chain_stays_whole(why, kwargs):
     assert [node.name for node in attention_blocks.scores_in_head_blocks(model, shapes).graph.node] == nodes, why
 
 
-def _spy_rewrites(monkeypatch) -> list[onnx.ModelProto]:
-    """The graphs the onnx backend hands ONNX Runtime, after the head-block rewrite."""
-    rewritten = []
-    rewrite = attention_blocks.scores_in_head_blocks
-
-    def spy(model, shapes):
-        rewritten.append(rewrite(model, shapes))
-        return rewritten[-1]
-
-    monkeypatch.setattr(attention_blocks, "scores_in_head_blocks", spy)
-    return rewritten
-
-
 @pytest.mark.parametrize("layout", ["kvheads8", "kvheads2", "kvheads1", "variant"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("component, shape", [
     ("gqa_masked", CaseShape(2, 33, 0)), ("gqa_unmasked", CaseShape(2, 1, 40)),
     ("decoder_layer", CaseShape(1, 17, 0)), ("decoder_layer", CaseShape(1, 3, 9)),
 ], ids=["gqa_masked", "gqa_unmasked", "decoder_layer-prefill", "decoder_layer-decode"])
-def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, monkeypatch, layout, dtype,
-                                                                     component, shape):
+def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, head_block_rewrites, layout,
+                                                                     dtype, component, shape):
     """Marked as shipped (real outputs only), the port's attention runs in blocks; the graph saved
     for polygraphy (engine.model, op by op) gives the same bits."""
-    rewritten = _spy_rewrites(monkeypatch)
     model = reference_model(layout, DTYPES[dtype])
     engine = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
                              marked=list(real_outputs(component)))
-    assert _head_block_concats(rewritten[0]) == 1
+    assert head_block_concats(head_block_rewrites[0]) == 1
     feed = to_feed(make_inputs(component, model.config, shape, DTYPES[dtype]))
     actual = engine.infer(feed)
     for name, expected in zip(actual, _run(engine.model, feed)):
         np.testing.assert_array_equal(actual[name], expected, err_msg=name)
 
 
-def _head_block_concats(model: onnx.ModelProto) -> int:
-    return sum(node.name.endswith("/concat_heads") for node in model.graph.node)
-
-
-def test_a_tapped_attention_runs_whole(reference_model, monkeypatch):
+def test_a_tapped_attention_runs_whole(reference_model, head_block_rewrites):
     """Every tap marked (scores and probs among them): nothing to rewrite, as TensorRT fuses nothing."""
-    rewritten = _spy_rewrites(monkeypatch)
     build_candidate("gqa_masked", reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), decode=False)
-    assert _head_block_concats(rewritten[0]) == 0
+    assert head_block_concats(head_block_rewrites[0]) == 0
 
 
 @pytest.mark.parametrize("bug", ["causal_mask_missing", "decode_masked"])
-def test_a_mask_bug_survives_the_blocks(reference_model, monkeypatch, bug):
+def test_a_mask_bug_survives_the_blocks(reference_model, head_block_rewrites, bug):
     """The blocks take the port's own mask: its real outputs, run in blocks, still diverge."""
-    rewritten = _spy_rewrites(monkeypatch)
     bug = BUGS[bug]
     report = locate(bug.component, reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), bug.shape, bug)
-    assert [_head_block_concats(model) for model in rewritten] == [1, 0]  # shipped, then every tap marked
+    assert [head_block_concats(model) for model in head_block_rewrites] == [1, 0]  # shipped, then every tap marked
     assert first_failure(report.outputs_only) is not None

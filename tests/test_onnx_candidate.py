@@ -16,12 +16,12 @@ from parity.compare import first_failure
 from parity.export import export_llama
 from parity.export_edits import FAULTS, find_node, renamed, sigmoid_to_tanh
 from parity.cli import main
+from conftest import head_block_concats
 from parity import locate as locate_module
 from parity import onnx_port
 from parity.onnx_port import OnnxPort, golden_order, locate_onnx
 from reference import DeciCoderConfig, random_model
 from reference.inputs import CaseShape, make_inputs
-from trt_layers import attention_blocks
 
 SHAPE = CaseShape(batch=2, seq_len=7, past_len=0)
 
@@ -77,18 +77,15 @@ def test_fault_is_localized_to_its_layer_and_tap(model, export, tmp_path, fault)
     assert report.exit_code == 1 and _localized(report) == FAULTS[fault], report.text()
 
 
-def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_path, monkeypatch):
+def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_path, head_block_rewrites):
     """torch.onnx's attention (Q K^T, mask add, softmax, IsNaN/Where, P V) runs in head blocks in
     --candidate's sessions (trt_layers.attention_blocks); the graph run whole gives the same bits."""
-    rewritten = []
-    rewrite = attention_blocks.scores_in_head_blocks
-    monkeypatch.setattr(attention_blocks, "scores_in_head_blocks", lambda m, s: rewritten.append(rewrite(m, s)) or m)
     path = _saved(export, tmp_path)
     port = OnnxPort(path)
     feed = port.feed(make_inputs("causal_lm", model.config, SHAPE, torch.float32))
     logits_name = export.graph.output[0].name
     logits = port.run(feed, [logits_name])[logits_name]
-    assert sum(node.name.endswith("/concat_heads") for node in rewritten[0].graph.node) == 2  # one per layer
+    assert head_block_concats(head_block_rewrites[0]) == 2  # one per layer
     whole = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([logits_name], feed)[0]
     np.testing.assert_array_equal(logits, whole)
 
