@@ -54,15 +54,30 @@ def head_block_rewrites(monkeypatch) -> list:
     """The graphs ONNX Runtime is handed after trt_layers.attention_blocks' rewrite, in build order."""
     from trt_layers import attention_blocks
 
-    rewritten, rewrite = [], attention_blocks.scores_in_head_blocks
-    monkeypatch.setattr(attention_blocks, "scores_in_head_blocks",
-                        lambda model, shapes: rewritten.append(rewrite(model, shapes)) or rewritten[-1])
+    rewritten, rewrite = [], attention_blocks.attention_in_blocks
+    monkeypatch.setattr(attention_blocks, "attention_in_blocks",
+                        lambda *args, **kwargs: rewritten.append(rewrite(*args, **kwargs)) or rewritten[-1])
     return rewritten
 
 
 def head_block_concats(model) -> int:
     """How many attention chains of ``model`` run in head blocks (a Concat of the blocks each)."""
     return sum(node.name.endswith("/concat_heads") for node in model.graph.node)
+
+
+def row_block_concats(model) -> int:
+    """How many attention chains of ``model`` run in query-row blocks (a Concat of the blocks each)."""
+    return sum(node.name.endswith("/concat_rows") for node in model.graph.node)
+
+
+@pytest.fixture(params=[None, 8], ids=["head-blocks", "row-blocks"])
+def row_blocks(request, monkeypatch) -> int | None:
+    """Engines' runs at their own shapes (None), or at 8-row blocks: tiny cases then span several."""
+    from trt_layers import attention_blocks
+
+    if request.param:
+        monkeypatch.setattr(attention_blocks, "ROWS_PER_BLOCK", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,12 @@
 Over the same seeded weights and inputs it times transformers' LlamaForCausalLM (SDPA, the
 reference's own weight tensors), the reference, the candidate as one whole-graph engine with
 only its real outputs (build, then runs), and `locate --component causal_lm` (golden and
-candidate streamed layer by layer, every layer compared). Bare forwards are timed after a
-warm-up (median of --repeats runs), the candidate's run too (its first run, which maps its
-activation memory, is reported beside it). `locate` runs in a fresh process, so that its peak
-RSS (VmHWM) is its own: weights, inputs and whatever locate holds, first runs included.
+candidate streamed layer by layer, every layer compared). The bare forwards are timed after a
+warm-up, in turns (transformers, reference, candidate: the median of --repeats rounds), so that
+a machine whose speed drifts slows all three alike; the candidate's first run, which maps its
+activation memory and makes its session for the case's shapes, is reported beside it. `locate`
+runs in a fresh process, so that its peak RSS (VmHWM) is its own: weights, inputs and whatever
+locate holds, first runs included.
 
 Targets (issue 12): reference <= 1.15x transformers; candidate run <= 1.5x transformers (2048
 tokens); locate <= 1.25x (reference + candidate build + candidate run); locate's peak RSS <=
@@ -54,11 +56,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _median_s(fn, device: str, repeats: int) -> float:
-    """The median of ``repeats`` timed runs of ``fn``."""
-    return statistics.median(_timed(fn, device)[1] for _ in range(repeats))
-
-
 def _timed(fn, device: str) -> tuple[object, float]:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -90,12 +87,19 @@ def locate_only(args) -> dict:
 
 
 @torch.no_grad()
-def bare_forwards(args, config, dtype, model, shape) -> dict:
-    """transformers' Llama and the reference, each warmed up once and then timed once."""
+def side_by_side(args, config, dtype, model, shape) -> dict:
+    """transformers' Llama, the reference and the candidate's whole-graph engine (built first, only
+    logits and present K/V marked, as it would ship), each warmed up once and then timed in turns,
+    ``repeats`` rounds: a machine whose speed drifts (a shared VM's does) slows all three alike."""
     from transformers import DynamicCache
 
     from reference.oracle import CACHE_ARG, llama_from_reference
 
+    marked = list(real_outputs("causal_lm", config.num_hidden_layers))
+    engine, build_s = _timed(lambda: build_candidate("causal_lm", model.cpu(), OnnxBackend(), shape.past_len > 0,
+                                                     marked=marked), "cpu")
+    feed = to_feed(make_inputs("causal_lm", config, shape, dtype))
+    model.to(args.device)
     inputs = {name: tensor.to(args.device) for name, tensor in make_inputs("causal_lm", config, shape, dtype).items()}
     past = None
     if shape.past_len:
@@ -114,22 +118,15 @@ def bare_forwards(args, config, dtype, model, shape) -> dict:
     def reference_forward():
         return model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
 
-    figures = {}
-    for key, forward in (("transformers_s", transformers_forward), ("reference_s", reference_forward)):
-        forward()
-        figures[key] = _median_s(forward, args.device, args.repeats)
-    return figures
-
-
-def bare_candidate(config, dtype, model, shape, repeats: int) -> dict:
-    """The candidate as it would ship: one whole-graph engine, only logits and present K/V marked."""
-    marked = list(real_outputs("causal_lm", config.num_hidden_layers))
-    engine, build_s = _timed(lambda: build_candidate("causal_lm", model.cpu(), OnnxBackend(), shape.past_len > 0,
-                                                     marked=marked), "cpu")
-    feed = to_feed(make_inputs("causal_lm", config, shape, dtype))
-    first_s = _timed(lambda: engine.infer(feed), "cpu")[1]
-    return {"candidate_build_s": build_s, "candidate_first_run_s": first_s,
-            "candidate_run_s": _median_s(lambda: engine.infer(feed), "cpu", repeats)}
+    figures = {"candidate_build_s": build_s, "candidate_first_run_s": _timed(lambda: engine.infer(feed), "cpu")[1]}
+    forwards = {"transformers_s": (transformers_forward, args.device), "reference_s": (reference_forward, args.device),
+                "candidate_run_s": (lambda: engine.infer(feed), "cpu")}
+    transformers_forward(), reference_forward()
+    times = {key: [] for key in forwards}
+    for _ in range(args.repeats):
+        for key, (forward, device) in forwards.items():
+            times[key].append(_timed(forward, device)[1])
+    return figures | {key: statistics.median(runs) for key, runs in times.items()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -145,7 +142,7 @@ def parse_args() -> argparse.Namespace:
                              "(2047 for decicoder-1b)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the golden runs; default cpu")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each bare forward, median taken; default 3")
+                        help="rounds of timed bare forwards, the three in turns, median taken; default 3")
     parser.add_argument("--json", metavar="PATH", type=report_file("--json"), help="also write the figures as JSON")
     parser.add_argument("--locate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,8 +176,7 @@ def main() -> None:
                           + (f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""),
                "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "weight_init_s": init_s,
                "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30}
-    figures.update(bare_forwards(args, config, dtype, model, shape))
-    figures.update(bare_candidate(config, dtype, model, shape, args.repeats))
+    figures.update(side_by_side(args, config, dtype, model, shape))
     del model
     child = [sys.executable, __file__, "--locate-only", "--model", args.model, "--dtype", args.dtype, "--phase",
              args.phase, "--seq-len", str(args.seq_len), "--past-len", str(args.past_len), "--device", args.device]

@@ -177,10 +177,11 @@ class OnnxPort:
                                          str(self.path.resolve().parent))
         # Segments share trt_layers' engine arena: a session's own would hold its largest run's
         # activations while it lives. ONNX Runtime's default graph optimizations stay: this is the
-        # candidate as it would run, but for unmarked attention, run a few heads at a time as in
+        # candidate as it would run, but for unmarked attention, run a block at a time as in
         # trt_layers' engines: the same bits, without 2.5 GiB of whole scores a layer at 2048 tokens.
         beside_the_golden(options)
-        model = attention_blocks.scores_in_head_blocks(model, attention_blocks.shapes_of(model))
+        model = attention_blocks.attention_in_blocks(model, attention_blocks.shapes_of(model),
+                                                     attention_blocks.dtypes_of(model))
         with candidate_stage(f"onnxruntime could not load {self.path.name}"):
             return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

@@ -1,5 +1,6 @@
-"""Attention in head blocks (trt_layers.attention_blocks): where the onnx backend rewrites the chain,
-it computes the lowering's bits; where the chain is marked or not per head, it stays whole."""
+"""Attention in blocks (trt_layers.attention_blocks): where the onnx backend rewrites the chain, in
+head blocks or in query-row blocks (stopping at the last key a causal mask shows), it computes the
+lowering's bits; where the chain is marked or not provably blockwise, it stays whole."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from conftest import DTYPES, head_block_concats
+from conftest import DTYPES, head_block_concats, row_block_concats
 from parity.check import build_candidate, needs_decode_graph
 from parity.compare import first_failure
 from parity.locate import locate
@@ -27,8 +28,9 @@ def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray
 
 
 def _attention(heads: int, bias_heads: int = 1, softmax_axis: int | None = -1, mark_scores: bool = False,
-               opset: int = 18):
-    """softmax(q k_t + bias) v over ``heads`` heads, with its build-time shapes."""
+               opset: int = 18, causal_bias: bool = False):
+    """softmax(q k_t + bias) v over ``heads`` heads and 5 queries at positions 1-5 of 6 keys, with its
+    build-time shapes; ``causal_bias``: the bias is a constant causal mask [5, 6], not an input."""
     shapes = {"q": (1, heads, 5, 4), "k_t": (1, heads, 4, 6), "v": (1, heads, 6, 4), "bias": (1, bias_heads, 5, 6),
               "scores": (1, heads, 5, 6), "masked": (1, heads, 5, 6), "probs": (1, heads, 5, 6),
               "context": (1, heads, 5, 4)}
@@ -37,11 +39,16 @@ def _attention(heads: int, bias_heads: int = 1, softmax_axis: int | None = -1, m
              helper.make_node("Softmax", ["masked"], ["probs"], name="softmax",
                               **({} if softmax_axis is None else {"axis": softmax_axis})),
              helper.make_node("MatMul", ["probs", "v"], ["context"], name="pv")]
+    inputs, constants = ["q", "k_t", "v", "bias"], []
+    if causal_bias:
+        shapes["bias"] = (5, 6)
+        constants = [numpy_helper.from_array(np.triu(np.full((5, 6), -np.inf, np.float32), k=2), "bias")]
+        inputs.remove("bias")
     values = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()}
     outputs = [values["context"]] + ([values["scores"]] if mark_scores else [])
-    graph = helper.make_graph(nodes, "attention", [values[n] for n in ("q", "k_t", "v", "bias")], outputs)
+    graph = helper.make_graph(nodes, "attention", [values[n] for n in inputs], outputs, constants)
     rng = np.random.default_rng(0)
-    feed = {name: rng.standard_normal(shapes[name], dtype=np.float32) for name in ("q", "k_t", "v", "bias")}
+    feed = {name: rng.standard_normal(shapes[name], dtype=np.float32) for name in inputs}
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), shapes, feed
 
 
@@ -54,7 +61,7 @@ def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks, opse
     """Opset 11 too: its Split takes the sizes as an attribute, not an input."""
     model, shapes, feed = _attention(heads, opset=opset)
     whole = _run(model, feed)
-    rewritten = attention_blocks.scores_in_head_blocks(model, shapes)
+    rewritten = attention_blocks.attention_in_blocks(model, shapes)
     onnx.checker.check_model(rewritten, full_check=True)
     assert _blocks(rewritten) == blocks
     np.testing.assert_array_equal(_run(rewritten, feed)[0], whole[0])
@@ -70,25 +77,68 @@ def test_the_chain_runs_in_blocks_and_computes_the_same_bits(heads, blocks, opse
 def test_the_chain_stays_whole(why, kwargs):
     model, shapes, _ = _attention(**kwargs)
     nodes = [node.name for node in model.graph.node]
-    assert [node.name for node in attention_blocks.scores_in_head_blocks(model, shapes).graph.node] == nodes, why
+    assert [node.name for node in attention_blocks.attention_in_blocks(model, shapes).graph.node] == nodes, why
+
+
+def _keys_read(model: onnx.ModelProto) -> list[int]:
+    """The keys each row block's Q K^T reads (the end of its K^T slice, or all 6)."""
+    ends = {t.name: int(numpy_helper.to_array(t)[0]) for t in model.graph.initializer if t.name.endswith("/ends")}
+    return [ends.get(f"k_t/context/rows_{j}/ends", 6) for j in range(row_block_concats(model) and 2)]
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("causal_bias, keys", [(False, [6, 6]), (True, [3, 6])], ids=["bias-input", "causal"])
+def test_rows_run_in_blocks_and_compute_the_same_bits(heads, causal_bias, keys):
+    """Rows 0-1 and 2-4 of 5 (a last block of one row joins the one before); with a constant causal
+    mask, each block stops at the last key its rows see (queries at positions 1-5): no key it drops
+    had a probability but 0."""
+    model, shapes, feed = _attention(heads, causal_bias=causal_bias)
+    whole = _run(model, feed)
+    dtypes = attention_blocks.dtypes_of(model) | {"scores": TensorProto.FLOAT}
+    rewritten = attention_blocks.attention_in_blocks(model, shapes, dtypes, rows=2)
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert (row_block_concats(rewritten), head_block_concats(rewritten)) == (1, 0)
+    assert _keys_read(rewritten) == keys
+    np.testing.assert_array_equal(_run(rewritten, feed)[0], whole[0])
+
+
+@pytest.mark.parametrize("why, dtypes", [
+    ("scores of unknown dtype", {}),
+    ("fp16 scores, which can overflow to inf (op by op, inf - inf is NaN)", {"scores": TensorProto.FLOAT16}),
+])
+def test_no_causal_stop_unproven(why, dtypes):
+    model, shapes, _ = _attention(8, causal_bias=True)
+    rewritten = attention_blocks.attention_in_blocks(model, shapes, dtypes, rows=2)
+    assert row_block_concats(rewritten) == 1, why
+    assert _keys_read(rewritten) == [6, 6], why
+
+
+def test_dynamic_lengths_run_in_head_blocks():
+    model, shapes, _ = _attention(8)
+    dynamic = {name: (*shape[:2], -1, shape[3]) if len(shape) == 4 else shape for name, shape in shapes.items()}
+    rewritten = attention_blocks.attention_in_blocks(model, dynamic, rows=2)
+    assert (row_block_concats(rewritten), head_block_concats(rewritten)) == (0, 1)
 
 
 @pytest.mark.parametrize("layout", ["kvheads8", "kvheads2", "kvheads1", "variant"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("component, shape", [
     ("gqa_masked", CaseShape(2, 33, 0)), ("gqa_unmasked", CaseShape(2, 1, 40)),
-    ("decoder_layer", CaseShape(1, 17, 0)), ("decoder_layer", CaseShape(1, 3, 9)),
+    ("decoder_layer", CaseShape(1, 17, 0)), ("decoder_layer", CaseShape(1, 12, 9)),
 ], ids=["gqa_masked", "gqa_unmasked", "decoder_layer-prefill", "decoder_layer-decode"])
-def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, head_block_rewrites, layout,
-                                                                     dtype, component, shape):
-    """Marked as shipped (real outputs only), the port's attention runs in blocks; the graph saved
-    for polygraphy (engine.model, op by op) gives the same bits."""
+def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, head_block_rewrites, row_blocks,
+                                                                     layout, dtype, component, shape):
+    """Marked as shipped (real outputs only), the port's attention runs in blocks: head blocks in the
+    session built with the engine, row blocks in the one made for a run whose queries span several;
+    the graph saved for polygraphy (engine.model, op by op) gives the same bits."""
     model = reference_model(layout, DTYPES[dtype])
     engine = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
                              marked=list(real_outputs(component)))
     assert head_block_concats(head_block_rewrites[0]) == 1
     feed = to_feed(make_inputs(component, model.config, shape, DTYPES[dtype]))
     actual = engine.infer(feed)
+    in_rows = row_blocks is not None and shape.seq_len > row_blocks and dtype == "fp32"
+    assert sum(map(row_block_concats, head_block_rewrites[1:])) == in_rows
     for name, expected in zip(actual, _run(engine.model, feed)):
         np.testing.assert_array_equal(actual[name], expected, err_msg=name)
 
@@ -100,9 +150,13 @@ def test_a_tapped_attention_runs_whole(reference_model, head_block_rewrites):
 
 
 @pytest.mark.parametrize("bug", ["causal_mask_missing", "decode_masked"])
-def test_a_mask_bug_survives_the_blocks(reference_model, head_block_rewrites, bug):
-    """The blocks take the port's own mask: its real outputs, run in blocks, still diverge."""
+def test_a_mask_bug_survives_the_blocks(reference_model, head_block_rewrites, row_blocks, bug):
+    """The blocks take the port's own mask, and stop only where it hides the keys: its real
+    outputs, run in blocks, still diverge."""
     bug = BUGS[bug]
     report = locate(bug.component, reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), bug.shape, bug)
-    assert [head_block_concats(model) for model in head_block_rewrites] == [1, 0]  # shipped, then every tap marked
+    # shipped, then every tap marked; with row blocks, the shipped engine's run in them too
+    assert [head_block_concats(model) for model in head_block_rewrites[:2]] == [1, 0]
+    in_rows = row_blocks is not None and bug.shape.seq_len > row_blocks
+    assert sum(map(row_block_concats, head_block_rewrites)) == in_rows
     assert first_failure(report.outputs_only) is not None

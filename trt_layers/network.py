@@ -195,14 +195,19 @@ class OnnxEngine(Engine):
     """A lowered graph under polygraphy's ``OnnxrtRunner``, its weights fed as inputs at each run
     (in place, no copy), so that ``refit`` swaps them as TensorRT's Refitter swaps an engine's:
     one decoder-layer engine serves every layer. ``model`` is the lowering op by op, every tensor
-    there to mark for polygraphy; the session runs it with unmarked attention in head blocks
-    (``attention_blocks``), which computes the same bits."""
+    there to mark for polygraphy; the sessions run it with unmarked attention in blocks
+    (``attention_blocks``), which computes the same bits: the session built with the engine in head
+    blocks (its lengths are dynamic, as a TensorRT engine's profile), and one made for the shapes of
+    the latest long run in query-row blocks (as TensorRT tunes its kernels to a profile's shapes)."""
 
     refittable = True
 
-    def __init__(self, runner, network: lowering.Network, weights: dict[str, np.ndarray]):
+    def __init__(self, runner, network: lowering.Network, weights: dict[str, np.ndarray], lowered: onnx.ModelProto,
+                 session: Callable[[onnx.ModelProto], object]):
         super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
-        self._network, self._weights = network, weights
+        self._network, self._weights, self._lowered, self._session = network, weights, lowered, session
+        self._fp16 = onnx_fp16.round_each_op_to_fp16(lowered) is not lowered
+        self._at_shapes: tuple[tuple, object | None] = ((), None)  # (feed shapes, their runner or None)
 
     # Outputs are views into the shared arena. A small one held past the run (a layer's output
     # feeds the next layer) would pin a block carved from the freed attention buffers, and the next
@@ -211,9 +216,37 @@ class OnnxEngine(Engine):
     COPY_BELOW_BYTES = 2**26
 
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        outputs = super().infer({**feed, **self._weights})
+        with quiet_polygraphy(), self._runner_for(feed) as runner:
+            outputs = runner.infer({**feed, **self._weights})
         return OrderedDict((name, array.copy() if array.nbytes < self.COPY_BELOW_BYTES else array)
                            for name, array in outputs.items())
+
+    def _runner_for(self, feed: dict[str, np.ndarray]):
+        """The runner of a session made for ``feed``'s shapes where a dynamic length there exceeds a
+        row block (its attention then runs in row blocks), else the engine's own."""
+        shapes = tuple(sorted((name, array.shape) for name, array in feed.items()))
+        if shapes != self._at_shapes[0]:
+            self._at_shapes = (shapes, self._specialized(dict(shapes)) if self._long(dict(shapes)) else None)
+        return self._at_shapes[1] or self._runner
+
+    def _long(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        # fp32 only: an fp16 graph's rounding after each op (onnx_fp16) ran in row blocks differed
+        # from the lowering op by op by an fp16 ulp (measured); its runs are the tiny ones anyway.
+        return not self._fp16 and any(dim.HasField("dim_param") and size > attention_blocks.ROWS_PER_BLOCK
+                                      for value in self._lowered.graph.input if value.name in shapes
+                                      for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]))
+
+    def _specialized(self, shapes: dict[str, tuple[int, ...]]):
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        fixed = attention_blocks.with_input_shapes(self._lowered, shapes)
+        inferred = attention_blocks.inferred(fixed)
+        rewritten = attention_blocks.attention_in_blocks(fixed, attention_blocks.shapes_of(inferred),
+                                                         attention_blocks.dtypes_of(inferred), self._weights,
+                                                         rows=attention_blocks.ROWS_PER_BLOCK)
+        if not any(node.name.endswith("/concat_rows") for node in rewritten.graph.node):
+            return None
+        return OnnxrtRunner(self._session(rewritten), name="onnx-lowering")
 
     def refit(self, weights: dict[str, np.ndarray]) -> None:
         changed = self._network.refit(weights)
@@ -340,7 +373,6 @@ class OnnxBackend(Backend):
         return onnx_fp16.rounding_gap(OnnxBackend.session_options())
 
     def build(self, name, specs, graph, config, dtype) -> Engine:
-        import onnxruntime
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
         network = lowering.Network(name)
@@ -349,17 +381,25 @@ class OnnxBackend(Backend):
                                                                          for d in s.dims]) for s in specs}
             mark_taps(graph(inputs))
         weights: dict[str, np.ndarray] = {}
-        # Unmarked attention runs a few heads at a time, as TensorRT's fused kernel never holds the scores.
-        lowered = attention_blocks.scores_in_head_blocks(network.to_onnx(weights), network.shapes)
+        lowered = network.to_onnx(weights)
+        blocks = onnx.ModelProto()
+        blocks.CopyFrom(lowered)  # the weights are inputs: the graph alone
+        # Unmarked attention runs a block at a time, as TensorRT's fused kernel never holds the scores.
+        blocks = attention_blocks.attention_in_blocks(blocks, network.shapes, values=weights)
         # ONNX Runtime's CPU would compute an fp16 graph in fp32 from end to end: round after each op.
-        model = onnx_fp16.round_each_op_to_fp16(lowered)
-        if model is not lowered and (gap := self.fp16_rounding_gap()):
+        model = onnx_fp16.round_each_op_to_fp16(blocks)
+        if model is not blocks and (gap := self.fp16_rounding_gap()):
             raise RuntimeError(f"fp16 on the onnx backend: {gap}")
         # Weights are inputs, not a serialised protobuf: a DeciCoder-1b layer builds in a fraction of
         # the time, graphs past protobuf's 2 GiB still load, and refit swaps them.
-        session = onnxruntime.InferenceSession(model.SerializeToString(), self.session_options(),
-                                               providers=["CPUExecutionProvider"])
-        return OnnxEngine(OnnxrtRunner(session, name="onnx-lowering"), network, weights)
+        session = functools.partial(self._session, self.session_options())
+        return OnnxEngine(OnnxrtRunner(session(model), name="onnx-lowering"), network, weights, lowered, session)
+
+    @staticmethod
+    def _session(options, model: onnx.ModelProto):
+        import onnxruntime
+
+        return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class TrtllmBackend(Backend):
