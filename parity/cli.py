@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "a GPU is present, else cpu")
     locator.add_argument("--candidate", metavar="PATH",
                          help="judge this port of the whole model instead of trt_layers: an ONNX graph (inputs "
-                              "input_ids [, position_ids, attention_mask]) or a TensorRT engine (.engine/.plan; "
-                              "the .onnx beside it maps its outputs); prefill; its weights must be --model's")
+                              "input_ids [, position_ids, attention_mask]), a TensorRT engine (.engine/.plan; "
+                              "the .onnx beside it maps its outputs) or a TensorRT-LLM engine directory (built "
+                              "with --enable_debug_output); prefill; its weights must be --model's")
     locator.add_argument("--tap-map", metavar="FILE.json",
                          help="with --candidate: golden tap -> tensor name, {i} for the layer; default: found "
                               "from the graph's module paths")
@@ -358,9 +359,11 @@ def _validate_external(args: argparse.Namespace) -> None:
     if clashes:
         raise UsageError(f"--candidate judges a whole-model graph in prefill, the golden on the CPU: drop "
                          f"{', '.join(clashes)}")
-    for option, path in (("--candidate", args.candidate), ("--tap-map", args.tap_map)):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{option} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+    if not Path(args.candidate).exists():
+        raise UsageError(f"--candidate {args.candidate}: no such file or directory")
+    if args.tap_map is not None and not Path(args.tap_map).is_file():
+        raise UsageError(f"--tap-map {args.tap_map}: "
+                         f"{'a directory, not a file' if Path(args.tap_map).is_dir() else 'no such file'}")
     args.component, args.phase = "causal_lm", "prefill"
 
 
@@ -514,13 +517,15 @@ def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
 
 
 def locate_external(args: argparse.Namespace) -> int:
-    """--candidate: someone else's ONNX graph against the golden, tap by mapped tap."""
+    """--candidate: someone else's port (graph, engine, engine directory) against the golden, tap by mapped tap."""
     from .onnx_port import OnnxPort, golden_order, locate_onnx, locate_whole
     from .trt_port import ENGINE_SUFFIXES, TrtEnginePort
+    from .trtllm_port import TrtllmEnginePort
 
     # The candidate and the tap map are read and checked before the golden's weights are made.
-    engine = Path(args.candidate).suffix in ENGINE_SUFFIXES
-    port = TrtEnginePort(args.candidate) if engine else OnnxPort(args.candidate)
+    path = Path(args.candidate)
+    engine = path.is_dir() or path.suffix in ENGINE_SUFFIXES  # runs whole: nothing to cut
+    port = TrtllmEnginePort(path) if path.is_dir() else TrtEnginePort(path) if engine else OnnxPort(path)
     dtype = resolve_dtype(args.dtype)
     port.check_config(args.config, dtype)
     mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)

@@ -106,7 +106,7 @@ class OnnxPort:
         mapped = auto_map(self.scopes, golden_taps, num_layers)
         if tap_map is not None:
             try:
-                mapped.update(load_tap_map(tap_map, self.scopes, golden_taps, num_layers))
+                mapped.update(load_tap_map(tap_map, self.scopes.tensors, golden_taps, num_layers))
             except TapMapError as e:
                 raise UsageError(str(e)) from None
         if not mapped:  # nothing would be judged: that is no pass

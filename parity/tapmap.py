@@ -141,10 +141,10 @@ def auto_map(scopes: GraphScopes, golden_taps: list[str], num_layers: int) -> di
     return mapped
 
 
-def load_tap_map(path: str | Path, scopes: GraphScopes | None, golden_taps: list[str], num_layers: int
+def load_tap_map(path: str | Path, tensors: set[str] | None, golden_taps: list[str], num_layers: int
                  ) -> dict[str, str]:
     """--tap-map: golden tap -> tensor name, {i} for the layer; every tap checked, and every tensor
-    against the graph's (``scopes``; None: an engine, whose outputs are known once it runs)."""
+    against the candidate's ``tensors`` (None: an engine, whose outputs are known once it runs)."""
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -159,7 +159,7 @@ def load_tap_map(path: str | Path, scopes: GraphScopes | None, golden_taps: list
             if tap not in golden_taps:
                 raise TapMapError(f"--tap-map {path}: {tap!r} is not a golden tap (e.g. layer_0.mlp.act, logits)")
             tensor = tensor_template if layer is None else tensor_template.replace("{i}", str(layer))
-            if scopes is not None and tensor not in scopes.tensors:
-                raise TapMapError(f"--tap-map {path}: {tap!r} -> {tensor!r}: no tensor of that name in the graph")
+            if tensors is not None and tensor not in tensors:
+                raise TapMapError(f"--tap-map {path}: {tap!r} -> {tensor!r}: no tensor of that name in the candidate")
             mapped[tap] = tensor
     return mapped

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 HEADS_PER_BLOCK = 4  # 64 MiB of scores a block at 2048 tokens; fewer heads saved no more (measured)
 ROWS_PER_BLOCK = 256  # 64 MiB of fp32 scores a block at 32 heads x 2048 keys; 128 rows ran slower (measured)
@@ -211,6 +210,8 @@ _FOLD_LIMIT = 64  # ops behind a mask that follows from shapes alone (the loweri
 def _folded(model: onnx.ModelProto, name: str, shapes: Shapes, values: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The value of ``name`` if it follows from constants and static shapes alone (a causal mask
     built from Shape, Range and Where), else None. ``values`` holds constants fed as inputs."""
+    from onnx.reference import ReferenceEvaluator
+
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
     initializers = {t.name: t for t in graph.initializer}

@@ -46,6 +46,10 @@ PLUGIN = "nv-auto-deploy/TensorRT-LLM tensorrt_llm/plugin/plugin.py@502412b7ac19
 COMMANDS_BUILD = f"{TRTLLM} tensorrt_llm/commands/build.py@008b2b8d23af"
 RUNTIME = f"{TRTLLM} tensorrt_llm/runtime/__init__.py@06c0e9b1ec38"
 MODEL_RUNNER = f"{TRTLLM} tensorrt_llm/runtime/model_runner.py@0243026ffeb3"
+VERSION = f"{TRTLLM} tensorrt_llm/__init__.py (from tensorrt_llm.version import __version__)"
+# The index holds this file at an older commit; LLaMADecoderLayer(Module) and its forward, which returns
+# hidden_states or (hidden_states, presents), are what the test relies on, and the 1.x line kept them.
+LLAMA_MODEL = f"{TRTLLM} tensorrt_llm/models/llama/model.py@027cd518e3b6"
 GENERATION = f"{TRTLLM} tensorrt_llm/runtime/generation.py@2340c776201e"
 TENSORRT = "TensorRT 10.13/10.14 Python API (IBuilderConfig.clear_flag, BuilderFlag.TF32), docs.nvidia.com"
 POLYGRAPHY = "polygraphy 0.53.6 backend/trt/{runner,loader}.py (the installed wheel; tests compare)"
@@ -162,6 +166,10 @@ API: dict[str, Api] = dict([
     ("tensorrt_llm.models.LLaMAForCausalLM.from_checkpoint",
      Api(MODELING_UTILS, "(ckpt_dir, rank=None, config=None, *, preprocess_weights_hook=None)",
          returns="tensorrt_llm.models.LLaMAForCausalLM")),
+    # tests/test_trtllm_candidate.py registers each LLaMA layer's output, as a port would
+    ("tensorrt_llm.models.llama.model.LLaMADecoderLayer", Api(LLAMA_MODEL)),
+    # called unbound by a wrapper that passes the builder's arguments through as they came
+    ("tensorrt_llm.models.llama.model.LLaMADecoderLayer.forward", Api(LLAMA_MODEL, "(*args, **kwargs)")),
     ("tensorrt_llm.runtime.ModelRunner", Api(RUNTIME)),
     ("tensorrt_llm.runtime.ModelRunner.from_dir",
      Api(MODEL_RUNNER, "(engine_dir, *, max_output_len=None, lora_dir=None, rank=0, debug_mode=False,"
@@ -175,6 +183,14 @@ API: dict[str, Api] = dict([
                        " encoder_max_input_length=None, encoder_input_features=None, encoder_output_lengths=None,"
                        " cross_attention_masks=None, **kwargs)",
          kwargs_to="tensorrt_llm.runtime.SamplingConfig")),  # generate() applies kwargs via SamplingConfig.update
+    # parity/trtllm_port.py reads an engine directory's debug outputs: ModelRunner.__init__ keeps the
+    # GenerationSession as .session; in debug mode it lists the engine outputs it was not built to
+    # expect (debug_tensors) and keeps the context step's I/O buffers (debug_buffer, name -> tensor).
+    ("tensorrt_llm.runtime.ModelRunner.session", Api(MODEL_RUNNER, returns="tensorrt_llm.runtime.GenerationSession")),
+    ("tensorrt_llm.runtime.GenerationSession", Api(GENERATION)),
+    ("tensorrt_llm.runtime.GenerationSession.debug_tensors", Api(GENERATION)),
+    ("tensorrt_llm.runtime.GenerationSession.debug_buffer", Api(GENERATION)),
+    ("tensorrt_llm.__version__", Api(VERSION)),
     ("tensorrt_llm.runtime.SamplingConfig",
      Api(GENERATION, "(end_id, pad_id, max_new_tokens=20, num_beams=1, max_attention_window_size=None,"
                      " sink_token_length=None, output_sequence_lengths=False, return_dict=False,"

@@ -114,22 +114,23 @@ def trtllm_build_command(checkpoint_dir: str | Path, engine_dir: str | Path, opt
     return shlex.join(words)
 
 
-def make_build_config(options: dict):
-    """TensorRT-LLM's BuildConfig for ``options`` (needs TensorRT-LLM)."""
+def make_build_config(options: dict, **fields):
+    """TensorRT-LLM's BuildConfig for ``options``, and other BuildConfig ``fields`` (needs TensorRT-LLM)."""
     from tensorrt_llm.builder import BuildConfig
 
-    build_config = BuildConfig(**{name: options[name] for name in BUILD_CONFIG_FIELDS})
+    build_config = BuildConfig(**{name: options[name] for name in BUILD_CONFIG_FIELDS}, **fields)
     for name in options.keys() - set(BUILD_CONFIG_FIELDS):
         setattr(build_config.plugin_config, name, options[name])  # PluginConfig (pydantic) refuses unknown names
     return build_config
 
 
-def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict) -> Path:
-    """TensorRT-LLM's LLaMA engine from the checkpoint, with the GPT attention plugin (needs TensorRT-LLM)."""
+def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict, **fields) -> Path:
+    """TensorRT-LLM's LLaMA engine from the checkpoint, with the GPT attention plugin, and other
+    BuildConfig ``fields`` (e.g. enable_debug_output=True) (needs TensorRT-LLM)."""
     from tensorrt_llm.builder import build
     from tensorrt_llm.models import LLaMAForCausalLM
 
-    engine = build(LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir)), make_build_config(options))
+    engine = build(LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir)), make_build_config(options, **fields))
     engine.save(str(engine_dir))
     return Path(engine_dir)
 
