@@ -124,11 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     locator.add_argument("--candidate", metavar="PATH",
                          help="judge this port of the whole model instead of trt_layers: an ONNX graph (inputs "
                               "input_ids [, position_ids, attention_mask]), a TensorRT engine (.engine/.plan; "
-                              "the .onnx beside it maps its outputs) or a TensorRT-LLM engine directory (built "
-                              "with --enable_debug_output); prefill; its weights must be --model's")
+                              "the .onnx beside it maps its outputs) or a TensorRT-LLM engine directory "
+                              "(config.json + rank0.engine from trtllm-build --enable_debug_output, one rank); "
+                              "engines need TensorRT and a GPU; prefill; its weights must be --model's")
     locator.add_argument("--tap-map", metavar="FILE.json",
                          help="with --candidate: golden tap -> tensor name, {i} for the layer; default: found "
-                              "from the graph's module paths")
+                              "from the graph's module paths (an engine directory: outputs named as golden taps)")
     locator.add_argument("--json", metavar="PATH", help="write the report as JSON")
     locator.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     locator.add_argument("--plot", metavar="PATH.png", help="plot error per tap (causal_lm: per layer), log scale")
@@ -359,12 +360,23 @@ def _validate_external(args: argparse.Namespace) -> None:
     if clashes:
         raise UsageError(f"--candidate judges a whole-model graph in prefill, the golden on the CPU: drop "
                          f"{', '.join(clashes)}")
-    if not Path(args.candidate).exists():
+    candidate = Path(args.candidate)
+    if not candidate.exists():
         raise UsageError(f"--candidate {args.candidate}: no such file or directory")
+    if candidate.is_file() and {"config.json", "rank0.engine"} <= {p.name for p in candidate.parent.iterdir()}:
+        raise UsageError(f"--candidate {args.candidate}: a file of a TensorRT-LLM engine directory: pass the "
+                         f"directory, {candidate.parent}")
     if args.tap_map is not None and not Path(args.tap_map).is_file():
         raise UsageError(f"--tap-map {args.tap_map}: "
                          f"{'a directory, not a file' if Path(args.tap_map).is_dir() else 'no such file'}")
     args.component, args.phase = "causal_lm", "prefill"
+
+
+def _part_of(path: str, candidate: str, tap_map: str | None) -> bool:
+    """Whether writing ``path`` would overwrite the candidate (a file, or one inside its directory) or its tap map."""
+    target = Path(os.path.abspath(path))
+    kept = [Path(os.path.abspath(p)) for p in (candidate, tap_map) if p is not None]
+    return any(target == p or p in target.parents for p in kept)
 
 
 def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
@@ -390,6 +402,8 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     if len({os.path.abspath(p) for p in reports.values()}) < len(reports):
         raise UsageError(f"{', '.join(reports)}: each report needs its own path")
     for option, path in reports.items():
+        if args.candidate is not None and _part_of(path, args.candidate, args.tap_map):
+            raise UsageError(f"{option} {path}: would overwrite the candidate or its tap map")
         check_output_file(option, path, ".png" if option == "--plot" else None)
 
 

@@ -40,24 +40,31 @@ _DTYPES = {"float32": (torch.float32, "fp32"), "float16": (torch.float16, "fp16"
 
 def _read_config(path: Path) -> dict:
     """The directory's config.json, checked for what a locate needs: one rank, debug outputs."""
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--candidate {path}: a directory without config.json, not a TensorRT-LLM engine "
-                         "directory (trtllm-build --output_dir)")
     try:
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--candidate {path}: a directory without config.json, not a TensorRT-LLM engine "
+                             "directory (trtllm-build --output_dir)")
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        pretrained, build = config["pretrained_config"], config["build_config"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UsageError(f"--candidate {path}: config.json is not a TensorRT-LLM engine config "
-                         f"(pretrained_config and build_config): {e}") from None
-    mapping = pretrained.get("mapping", {})
-    if mapping.get("world_size", 1) != 1:
-        raise UsageError(f"--candidate {path}: built for {mapping['world_size']} ranks (tp {mapping.get('tp_size', 1)}"
-                         f", pp {mapping.get('pp_size', 1)}); locate reads a single-rank engine")
-    if not build.get("enable_debug_output"):
+        has_engine = (path / "rank0.engine").is_file()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UsageError(f"--candidate {path}: cannot read config.json as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict) or "pretrained_config" not in config:
+        raise UsageError(f"--candidate {path}: config.json has no pretrained_config: a checkpoint (Hugging Face's "
+                         "or convert_checkpoint's) rather than trtllm-build's engine directory?")
+    pretrained, build = config["pretrained_config"], config.get("build_config")
+    mapping = pretrained.get("mapping", {}) if isinstance(pretrained, dict) else None
+    if not (isinstance(build, dict) and isinstance(mapping, dict)):
+        raise UsageError(f"--candidate {path}: config.json is not a TensorRT-LLM engine config (pretrained_config, "
+                         "its mapping and build_config are objects)")
+    ranks = {key: mapping.get(key, 1) for key in ("world_size", "tp_size", "pp_size")}
+    if any(size != 1 for size in ranks.values()):
+        raise UsageError(f"--candidate {path}: built for {', '.join(f'{k} {v}' for k, v in ranks.items())}; locate "
+                         "reads a single-rank engine")
+    if build.get("enable_debug_output") is not True:
         raise UsageError(f"--candidate {path}: built without --enable_debug_output, so no tensor inside it is an "
                          "engine output; rebuild with trtllm-build --enable_debug_output (after "
                          "register_network_output where you want taps)")
-    if not (path / "rank0.engine").is_file():
+    if not has_engine:
         raise UsageError(f"--candidate {path}: no rank0.engine beside config.json")
     return config
 
@@ -68,9 +75,6 @@ class TrtllmEnginePort:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config = _read_config(self.path)
-        if (reason := skip_reason("trtllm")) is not None:
-            raise UsageError(f"--candidate {path}: a TensorRT-LLM engine directory runs on TensorRT-LLM and a CUDA "
-                             f"GPU: {reason}")
 
     @property
     def description(self) -> str:
@@ -91,7 +95,12 @@ class TrtllmEnginePort:
             raise UsageError(f"--candidate {self.path}: built in {pretrained['dtype']}: pass --dtype {flag}")
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
-        """Golden tap -> engine output: the golden's own names (module docstring), then ``tap_map``'s."""
+        """Golden tap -> engine output: the golden's own names (module docstring), then ``tap_map``'s.
+        The tap map is read before the engine is loaded, which needs TensorRT-LLM and a GPU."""
+        _read_tap_map(tap_map, None, golden_taps, num_layers)
+        if (reason := skip_reason("trtllm")) is not None:
+            raise UsageError(f"--candidate {self.path}: a TensorRT-LLM engine directory runs on TensorRT-LLM and a "
+                             f"CUDA GPU: {reason}")
         from tensorrt_llm.runtime import ModelRunner
 
         with candidate_stage(f"{self.path.name} failed to load"):
@@ -101,12 +110,7 @@ class TrtllmEnginePort:
             outputs.add(CONTEXT_LOGITS)
         mapped = {tap: name for tap, name in automatic_names(num_layers).items()
                   if tap in golden_taps and name in outputs}
-        if tap_map is not None:
-            try:
-                mapped.update(load_tap_map(tap_map, outputs, golden_taps, num_layers))
-            except TapMapError as e:
-                raise UsageError(str(e)) from None
-        return mapped
+        return mapped | _read_tap_map(tap_map, outputs, golden_taps, num_layers)
 
     def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """The prompt's token ids: the runtime makes its own positions (0 on) and masks."""
@@ -124,6 +128,13 @@ class TrtllmEnginePort:
         if CONTEXT_LOGITS in result:
             produced[CONTEXT_LOGITS] = result[CONTEXT_LOGITS]
         return {name: as_batch_seq(produced[name], ids.shape) for name in outputs if name in produced}
+
+
+def _read_tap_map(tap_map: str | None, outputs: set[str] | None, golden_taps: list[str], num_layers: int) -> dict:
+    try:
+        return {} if tap_map is None else load_tap_map(tap_map, outputs, golden_taps, num_layers)
+    except TapMapError as e:
+        raise UsageError(str(e)) from None
 
 
 def automatic_names(num_layers: int) -> dict[str, str]:

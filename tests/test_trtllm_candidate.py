@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from parity import trtllm_port
-from parity.check import UsageError
 from parity.cli import main
 from parity.onnx_port import golden_order
-from parity.trtllm_port import CONTEXT_LOGITS, TrtllmEnginePort, as_batch_seq, automatic_names
+from parity.trtllm_port import CONTEXT_LOGITS, as_batch_seq, automatic_names
 from reference import random_model, save_pretrained
 from trt_layers import fast_path
 
@@ -42,15 +41,28 @@ def _directory(directory, config, edit=lambda engine_config: None, engine: bool 
 
 @pytest.mark.parametrize("make, message", [
     (lambda d, c: d, "a directory without config.json, not a TensorRT-LLM engine directory"),
-    (lambda d, c: _directory(d, c) and (d / "config.json").write_text("{") and d,
+    (lambda d, c: (d / "config.json").write_text("{"), "cannot read config.json as JSON (JSONDecodeError"),
+    (lambda d, c: (d / "config.json").write_text("[" * 100000 + "]" * 100000),
+     "cannot read config.json as JSON (RecursionError"),
+    (lambda d, c: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'),
+     "config.json has no pretrained_config: a checkpoint (Hugging Face's or convert_checkpoint's) rather than"),
+    (lambda d, c: (d / "config.json").write_text('{"pretrained_config": [], "build_config": {}}'),
      "config.json is not a TensorRT-LLM engine config"),
     (lambda d, c: _directory(d, c, lambda e: e["build_config"].update(enable_debug_output=False)),
      "built without --enable_debug_output"),
+    (lambda d, c: _directory(d, c, lambda e: e["build_config"].update(enable_debug_output="false")),
+     "built without --enable_debug_output"),
     (lambda d, c: _directory(d, c, lambda e: e["pretrained_config"]["mapping"].update(world_size=2, tp_size=2)),
-     "built for 2 ranks (tp 2, pp 1); locate reads a single-rank engine"),
+     "built for world_size 2, tp_size 2, pp_size 1; locate reads a single-rank engine"),
     (lambda d, c: _directory(d, c, engine=False), "no rank0.engine beside config.json"),
-], ids=["no-config", "bad-json", "no-debug-output", "two-ranks", "no-engine"])
+    (lambda d, c: _directory(d, c, lambda e: e["pretrained_config"].update(num_hidden_layers=3)),
+     "its num_hidden_layers is 3, the golden's 2: build it from the same model"),
+    (lambda d, c: _directory(d, c, lambda e: e["pretrained_config"].update(dtype="float16")),
+     "built in float16: pass --dtype fp16"),
+], ids=["no-config", "bad-json", "deep-json", "a-checkpoint", "config-a-list", "no-debug-output",
+        "debug-output-a-string", "two-ranks", "no-engine", "other-layer-count", "other-dtype"])
 def test_a_directory_that_is_no_debuggable_engine_is_bad_usage(tmp_path, capsys, tiny_config, make, message):
+    """Checked before the golden is built, and before anything needs TensorRT-LLM."""
     directory = tmp_path / "engine"
     directory.mkdir()
     make(directory, tiny_config)
@@ -61,6 +73,23 @@ def test_a_directory_that_is_no_debuggable_engine_is_bad_usage(tmp_path, capsys,
     assert sorted(p.name for p in directory.iterdir()) == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--candidate", "{dir}/config.json"], "a file of a TensorRT-LLM engine directory: pass the directory"),
+    (["--candidate", "{dir}/rank0.engine"], "a file of a TensorRT-LLM engine directory: pass the directory"),
+    (["--candidate", "{dir}", "--json", "{dir}/config.json"], "would overwrite the candidate or its tap map"),
+    (["--candidate", "{dir}", "--markdown", "{dir}/report.md"], "would overwrite the candidate or its tap map"),
+    (["--candidate", "{dir}", "--tap-map", "{dir}/config.json"], "expected an object of golden tap -> tensor name"),
+])
+def test_misdirected_paths_are_bad_usage(tmp_path, capsys, tiny_config, args, message):
+    directory = _directory(tmp_path / "engine", tiny_config)
+    written = (directory / "config.json").read_bytes()
+    assert main(["locate", "--model", "tiny", *(arg.format(dir=directory) for arg in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "rank0.engine"]
+    assert (directory / "config.json").read_bytes() == written
+
+
 def test_an_engine_directory_without_tensorrt_llm_is_bad_usage(tmp_path, capsys, tiny_config):
     from parity.backends import skip_reason
 
@@ -68,20 +97,6 @@ def test_an_engine_directory_without_tensorrt_llm_is_bad_usage(tmp_path, capsys,
         pytest.skip("TensorRT-LLM and a GPU are here: the engine runs (test_engine_directory_...)")
     assert main(["locate", "--model", "tiny", "--candidate", str(_directory(tmp_path / "engine", tiny_config))]) == 2
     assert "runs on TensorRT-LLM and a CUDA GPU" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("num_hidden_layers", 3, "its num_hidden_layers is 3, the golden's 2"),
-    ("num_key_value_heads", 4, "its num_key_value_heads is 4, the golden's 1"),
-    ("dtype", "float16", "built in float16: pass --dtype fp16"),
-])
-def test_an_engine_built_from_another_model_is_bad_usage(tmp_path, monkeypatch, plugin_config, field, value, message):
-    monkeypatch.setattr(trtllm_port, "skip_reason", lambda marker: None)  # the check reads config.json alone
-    TrtllmEnginePort(_directory(tmp_path / "same", plugin_config)).check_config(plugin_config, torch.float32)
-    other = TrtllmEnginePort(_directory(tmp_path / "other", plugin_config,
-                                        lambda e: e["pretrained_config"].update({field: value})))
-    with pytest.raises(UsageError, match=message):
-        other.check_config(plugin_config, torch.float32)
 
 
 def test_outputs_come_back_as_batch_by_sequence():
