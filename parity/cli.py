@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "input_ids [, position_ids, attention_mask]), a TensorRT engine (.engine/.plan; "
                               "the .onnx beside it maps its outputs) or a TensorRT-LLM engine directory "
                               "(config.json + rank0.engine from trtllm-build --enable_debug_output, one rank); "
-                              "engines need TensorRT and a GPU; prefill; its weights must be --model's")
+                              "engines need TensorRT and a GPU, prefill only; a graph with past_key_values.{i}."
+                              "key/value inputs is judged in decode (--past-len); its weights must be --model's")
     locator.add_argument("--tap-map", metavar="FILE.json",
                          help="with --candidate: golden tap -> tensor name, {i} for the layer; default: found "
                               "from the graph's module paths (an engine directory: outputs named as golden taps)")
@@ -352,14 +353,12 @@ def _validate_external(args: argparse.Namespace) -> None:
             raise UsageError("--tap-map maps the taps of a --candidate graph: add --candidate")
         return
     clashes = [option for option, given in (("--component", args.component not in (None, "causal_lm")),
-                                            ("--phase decode", args.phase == "decode"),
-                                            ("--past-len", bool(args.past_len)), ("--inject", args.inject),
+                                            ("--inject", args.inject),
                                             ("--backend", args.backend != "auto"), ("--kv-heads", args.kv_heads),
                                             ("--device cuda", args.device == "cuda"))
                if given]
     if clashes:
-        raise UsageError(f"--candidate judges a whole-model graph in prefill, the golden on the CPU: drop "
-                         f"{', '.join(clashes)}")
+        raise UsageError(f"--candidate judges a whole-model graph, the golden on the CPU: drop {', '.join(clashes)}")
     candidate = Path(args.candidate)
     if not candidate.exists():
         raise UsageError(f"--candidate {args.candidate}: no such file or directory")
@@ -369,7 +368,8 @@ def _validate_external(args: argparse.Namespace) -> None:
     if args.tap_map is not None and not Path(args.tap_map).is_file():
         raise UsageError(f"--tap-map {args.tap_map}: "
                          f"{'a directory, not a file' if Path(args.tap_map).is_dir() else 'no such file'}")
-    args.component, args.phase = "causal_lm", "prefill"
+    args.component = "causal_lm"
+    args.phase = args.phase or ("decode" if args.past_len else "prefill")
 
 
 def _part_of(path: str, candidate: str, tap_map: str | None) -> bool:
@@ -542,12 +542,17 @@ def locate_external(args: argparse.Namespace) -> int:
     port = TrtllmEnginePort(path) if path.is_dir() else TrtEnginePort(path) if engine else OnnxPort(path)
     dtype = resolve_dtype(args.dtype)
     port.check_config(args.config, dtype)
+    shape = args.checks[0].shape
+    if engine and shape.past_len:
+        raise UsageError(f"--candidate {path}: an engine is judged in prefill: drop --phase decode and --past-len")
+    if not engine:
+        port.check_case(shape)
     mapped = port.tap_map(golden_order(args.config), args.config.num_hidden_layers, args.tap_map)
     started = time.perf_counter()
     model = load_model_as(args.model, args.config, dtype, args.seed).to(args.golden_device)
     print(f"golden:    reference DeciCoder (torch {torch.__version__}), model {args.model}, {args.dtype}")
     print(f"candidate: {port.description}" + (f", taps mapped by {args.tap_map}" if args.tap_map else ""))
-    report = (locate_whole if engine else locate_onnx)(model, port, args.checks[0].shape, mapped)
+    report = (locate_whole if engine else locate_onnx)(model, port, shape, mapped)
     print(f"\n{report.text()}")
     for option, write in (("json", write_json), ("markdown", write_markdown), ("plot", write_plot)):
         if getattr(args, option):

@@ -231,15 +231,53 @@ _FP16_FROM_FP32 = ("(export this component in fp32: `polygraphy debug precision`
                    "and its fp32 golden values)")
 
 
-def export_llama(model: DeciCoderForCausalLM, path: Path, external_data: bool = False) -> Path:
+def export_llama(model: DeciCoderForCausalLM, path: Path, external_data: bool = False, past_len: int = 0) -> Path:
     """transformers' LlamaForCausalLM over ``model``'s own weights, written by torch.onnx's dynamo exporter
-    (module paths in each node's metadata): a port this project did not write, for ``locate --candidate``."""
+    (module paths in each node's metadata): a port this project did not write, for ``locate --candidate``.
+    With ``past_len``, its decode step instead: one new token of a batch of 2 after ``past_len`` cached,
+    static sizes, the cache in ``past_key_values.{i}.key/value`` and out in ``present.{i}.key/value``."""
     from reference.oracle import llama_from_reference
 
     llama = llama_from_reference(model, attn_implementation="sdpa")
-    ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
-    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}, "use_cache": None}
-    program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
-                                                   "use_cache": False}, dynamo=True, dynamic_shapes=dynamic)
+    if past_len:
+        program = _export_decode_step(llama, past_len)
+    else:
+        ids = torch.zeros(2, 5, dtype=torch.long)  # batch 1 would be specialized: torch.export fixes sizes of 1
+        dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}, "use_cache": None}
+        program = torch.onnx.export(llama, (), kwargs={"input_ids": ids, "position_ids": torch.arange(5).expand(2, 5),
+                                                       "use_cache": False}, dynamo=True, dynamic_shapes=dynamic)
     program.save(str(path), external_data=external_data)
     return path
+
+
+class _LlamaDecodeStep(torch.nn.Module):
+    """A Llama's decode step with its cache as flat tensors (torch.export takes no DynamicCache), keeping
+    the model's module paths (``model.layers.{i}...``, ``lm_head``) for the tap map."""
+
+    def __init__(self, llama):
+        super().__init__()
+        self.model, self.lm_head, self.config = llama.model, llama.lm_head, llama.config
+
+    def forward(self, input_ids, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
+                            use_cache=True).last_hidden_state
+        presents = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (self.lm_head(hidden), *presents)
+
+
+def _export_decode_step(llama, past_len: int):
+    config, batch = llama.config, 2
+    head_dim = config.hidden_size // config.num_attention_heads
+    past = [torch.zeros(batch, config.num_key_value_heads, past_len, head_dim)
+            for _ in range(2 * config.num_hidden_layers)]
+    layers = range(config.num_hidden_layers)
+    return torch.onnx.export(
+        _LlamaDecodeStep(llama), (torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), past_len), *past),
+        dynamo=True, input_names=["input_ids", "position_ids",
+                                  *(f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value"))],
+        output_names=["logits", *(f"present.{i}.{kind}" for i in layers for kind in ("key", "value"))])

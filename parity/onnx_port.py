@@ -17,6 +17,7 @@ tensor maps to are listed, never guessed.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from onnx.utils import Extractor
 
 from reference import DeciCoderConfig, DeciCoderForCausalLM, capture_taps
 from reference.components import run_layer
-from reference.inputs import CaseShape, make_inputs
+from reference.inputs import CaseShape, make_inputs, past_names
 from reference.taps import LAYER_TAPS
 from trt_layers import attention_blocks
 from trt_layers.network import beside_the_golden
@@ -39,6 +40,9 @@ from .locate import LocateReport, judge_head, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
 
 FEEDS = ("input_ids", "position_ids", "attention_mask")
+# A decode graph's cache, as optimum and transformers' own exports name it: layer i's past K/V in, present out.
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+PRESENT = "present.{i}.{kind}"
 
 
 class OnnxPort:
@@ -55,9 +59,11 @@ class OnnxPort:
             raise UsageError(f"--candidate {path}: not a readable ONNX model (no graph nodes)")
         weights = {t.name for t in self.model.graph.initializer}
         self.inputs = [i.name for i in self.model.graph.input if i.name not in weights]
-        if "input_ids" not in self.inputs or any(name not in FEEDS for name in self.inputs):
+        # past input -> the golden's input for it (reference.inputs.past_names)
+        self.past = {name: past_names(int(m[1]))[m[2] == "value"] for name in self.inputs if (m := PAST.fullmatch(name))}
+        if "input_ids" not in self.inputs or any(name not in FEEDS and name not in self.past for name in self.inputs):
             raise UsageError(f"--candidate {path}: inputs {self.inputs}; expected input_ids and optionally "
-                             "position_ids and attention_mask (graphs with past K/V inputs are not supported yet)")
+                             "position_ids, attention_mask and, for decode, past_key_values.{i}.key/value")
         self.scopes = GraphScopes(self.model.graph)
         self._shared: list[tuple[onnx.ModelProto, object]] = []  # (segment, its session), for run_layer
 
@@ -80,7 +86,27 @@ class OnnxPort:
                              "most fp16 ops in fp32: judge an fp32 export here (or an engine built from it)")
         if graph_dtype != torch.empty(0, dtype=dtype).numpy().dtype:
             raise UsageError(f"--candidate {self.path}: its weights are {graph_dtype}; run with the --dtype they hold")
+        if self.past and len(self.past) != 2 * config.num_hidden_layers:
+            raise UsageError(f"--candidate {self.path}: past K/V inputs for {len(self.past) // 2} layers; --model has "
+                             f"{config.num_hidden_layers}")
         self._check_external_data()
+
+    def check_case(self, shape: CaseShape) -> None:
+        """UsageError unless the case is one the graph takes: decode (a past) exactly where it has past
+        K/V inputs, and every size it declares static."""
+        if bool(self.past) != bool(shape.past_len):
+            raise UsageError(f"--candidate {self.path}: " + (
+                "takes past K/V (past_key_values.{i}.key/value): run decode with --past-len N" if self.past else
+                "has no past K/V inputs: it is judged in prefill, without --phase decode or --past-len"))
+        sizes = {"input_ids": (shape.batch, shape.seq_len), "position_ids": (shape.batch, shape.seq_len),
+                 "attention_mask": (shape.batch, shape.past_len + shape.seq_len)}
+        for value in self.model.graph.input:
+            expected = sizes.get(value.name) or (None if value.name not in self.past else (shape.batch, None,
+                                                                                           shape.past_len, None))
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            if expected and any(d is not None and e is not None and d != e for d, e in zip(dims, expected)):
+                raise UsageError(f"--candidate {self.path}: its {value.name} is static {dims} ([batch, seq] or "
+                                 "[batch, kv heads, past, head dim]): run with --batch, --seq-len, --past-len to match")
 
     def _check_external_data(self) -> None:
         """UsageError unless every weight kept beside the graph is there in full: a missing or cut-short
@@ -103,7 +129,11 @@ class OnnxPort:
 
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The automatic mapping, overridden tap by tap by ``tap_map`` (a JSON file)."""
-        mapped = auto_map(self.scopes, golden_taps, num_layers)
+        outputs = {o.name for o in self.model.graph.output}
+        presents = {f"layer_{i}.attn.present_{kind[0]}": PRESENT.format(i=i, kind=kind)
+                    for i in range(num_layers) for kind in ("key", "value") if PRESENT.format(i=i, kind=kind) in outputs}
+        mapped = auto_map(self.scopes, golden_taps, num_layers, aside=set(presents.values()))
+        mapped.update((tap, tensor) for tap, tensor in presents.items() if tap in golden_taps)
         if tap_map is not None:
             try:
                 mapped.update(load_tap_map(tap_map, self.scopes.tensors, golden_taps, num_layers))
@@ -195,9 +225,18 @@ class OnnxPort:
         declared = {i.name: i.type.tensor_type.elem_type for i in self.model.graph.input}
         feed = {}
         for name in self.inputs:
-            value = inputs.get(name, torch.ones_like(inputs["input_ids"]))
+            if name in self.past:
+                feed[name] = inputs[self.past[name]].numpy()
+                continue
+            value = inputs.get(name)
+            if value is None:  # attention_mask: every token, cached or new, visible
+                value = torch.ones(inputs["input_ids"].shape[0], self._cached(inputs) + inputs["input_ids"].shape[1],
+                                   dtype=torch.int64)
             feed[name] = value.numpy().astype(np.int32 if declared[name] == onnx.TensorProto.INT32 else np.int64)
         return feed
+
+    def _cached(self, inputs: dict[str, torch.Tensor]) -> int:
+        return inputs[next(iter(self.past.values()))].shape[2] if self.past else 0
 
 
 def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -278,17 +317,19 @@ CANDIDATE_HEAD_BLOCK_BYTES = 2**27
 
 def locate_onnx(model: DeciCoderForCausalLM, port: OnnxPort, shape: CaseShape, mapped: dict[str, str] | None = None,
                 tap_map: str | None = None) -> LocateReport:
-    """Judge every tap of ``port`` that maps to a golden tap (``mapped``, default: port.tap_map), prefill."""
+    """Judge every tap of ``port`` that maps to a golden tap (``mapped``, default: port.tap_map): prefill
+    streamed where every layer's output is mapped, decode (``shape.past_len``) run whole."""
     config = model.config
     order = golden_order(config)
     if mapped is None:
         mapped = port.tap_map(order, config.num_hidden_layers, tap_map)
     cuts = ["embed", *(f"layer_{i}.out" for i in range(config.num_hidden_layers))]
-    streamed = all(tap in mapped for tap in cuts)
+    streamed = not shape.past_len and all(tap in mapped for tap in cuts)
     report = (_locate_streamed if streamed else locate_whole)(model, port, shape, mapped, order)
-    report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; "
-                        + ("the graph was cut at each layer's output and streamed." if streamed else
-                           "not every layer's output is mapped, so the graph ran whole."))
+    how = ("the graph was cut at each layer's output and streamed." if streamed else
+           "a decode step's activations are small, so the graph ran whole." if shape.past_len else
+           "not every layer's output is mapped, so the graph ran whole.")
+    report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; {how}")
     if unmapped := [tap for tap in order if tap not in mapped]:
         report.notes.append(f"not mapped, so not judged ({len(unmapped)}): {_by_layer(unmapped, config)}")
     return report
@@ -311,8 +352,10 @@ def locate_whole(model: DeciCoderForCausalLM, port, shape: CaseShape, mapped: di
     dtype = model.lm_head.weight.dtype
     order = order or golden_order(model.config)
     inputs = make_inputs("causal_lm", model.config, shape, dtype)
+    past = [(inputs[k], inputs[v]) for k, v in map(past_names, range(model.config.num_hidden_layers))] \
+        if shape.past_len else None
     with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
-        model(inputs["input_ids"], inputs["position_ids"])
+        model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
     outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
     produced = {tap: tensor for tap, tensor in mapped.items() if tensor in outputs}
     results = _judge(golden, outputs, produced, TOLERANCES[dtype], order)

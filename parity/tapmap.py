@@ -127,15 +127,17 @@ def expand(template: str, num_layers: int) -> list[tuple[str, int | None]]:
     return [(template.replace("{i}", str(i)), i) for i in range(num_layers)]
 
 
-def auto_map(scopes: GraphScopes, golden_taps: list[str], num_layers: int) -> dict[str, str]:
-    """Each golden tap whose module boundary the graph's scopes show, crossed by exactly one tensor."""
+def auto_map(scopes: GraphScopes, golden_taps: list[str], num_layers: int, aside: set[str] = frozenset()
+             ) -> dict[str, str]:
+    """Each golden tap whose module boundary the graph's scopes show, crossed by exactly one tensor
+    other than those ``aside`` (a decode graph's present K/V, which leave every layer beside its output)."""
     mapped = {}
     for template, boundary in LLAMA_BOUNDARIES.items():
         for tap, layer in expand(template, num_layers):
             if tap not in golden_taps:
                 continue
             module = boundary.module if layer is None else boundary.module.replace("{i}", str(layer))
-            tensors = scopes.crossing(module, boundary.side)
+            tensors = [t for t in scopes.crossing(module, boundary.side) if t not in aside]
             if len(tensors) == 1:
                 mapped[tap] = tensors[0]
     return mapped

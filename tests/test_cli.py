@@ -74,7 +74,7 @@ BAD_INPUTS = [
     (["locate", "--candidate", "{tmp}/none.onnx"], "--candidate {tmp}/none.onnx: no such file"),
     (["locate", "--candidate", "{file}"], "--candidate {file}: not a readable ONNX model"),
     (["locate", "--candidate", "{file}", "--inject", "rope_interleaved", "--phase", "decode"],
-     "drop --phase decode, --inject"),
+     "the golden on the CPU: drop --inject"),
     (["locate", "--tap-map", "{file}"], "--tap-map maps the taps of a --candidate graph: add --candidate"),
     (["locate", "--candidate", "{file}", "--device", "cuda"], "the golden on the CPU: drop --device cuda"),
     (["report", "--component", "no_such_component"], "--component: invalid choice"),

@@ -230,3 +230,38 @@ def test_an_engine_candidate_without_tensorrt_is_bad_usage(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not run here")
     assert main(["locate", "--model", "tiny", "--candidate", str(engine)]) == 2
+
+
+@pytest.fixture(scope="module")
+def decode_export(model, tmp_path_factory):
+    """transformers' Llama decode step (static: batch 2, one new token after 5 cached), cache as inputs."""
+    return onnx.load(str(export_llama(model, tmp_path_factory.mktemp("export") / "decode.onnx", past_len=5)))
+
+
+DECODE_ARGS = ["--model", "tiny", "--batch", "2", "--seq-len", "1", "--past-len", "5"]
+
+
+@pytest.mark.parametrize("fault, code, first", [(None, 0, None), (sigmoid_to_tanh, 1, "layer_1.mlp.act")],
+                         ids=["clean", "sigmoid_to_tanh"])
+def test_decode_graph_is_fed_the_cache_and_judged_whole(decode_export, tmp_path, fault, code, first):
+    """Its past_key_values.{i}.key/value take the golden's cache; present.{i}.key/value are judged as
+    the layers' present K/V beside every mapped tap, the graph run whole (a step's activations are small)."""
+    report = tmp_path / "report.json"
+    assert main(["locate", *DECODE_ARGS, "--candidate", str(_saved(decode_export, tmp_path, fault)),
+                 "--json", str(report)]) == code
+    verdict = json.loads(report.read_text())
+    judged = {tap["name"] for tap in verdict["taps"]}
+    assert {"layer_0.attn.present_k", "layer_1.attn.present_v", "layer_1.out", "logits"} <= judged, verdict
+    assert verdict["shape"]["past_len"] == 5 and verdict["first_failure"] == first, verdict
+
+
+@pytest.mark.parametrize("graph, args, message", [
+    ("decode", ["--model", "tiny", "--batch", "2", "--seq-len", "1"], "takes past K/V"),
+    ("decode", [*DECODE_ARGS[:-1], "4"], "its past_key_values.0.key is static [2, 2, 5, 16]"),
+    ("prefill", ["--model", "tiny", "--past-len", "5"], "has no past K/V inputs: it is judged in prefill"),
+])
+def test_a_case_the_graph_does_not_take_is_bad_usage(export, decode_export, tmp_path, capsys, graph, args, message):
+    path = _saved(decode_export if graph == "decode" else export, tmp_path)
+    assert main(["locate", *args, "--candidate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
