@@ -184,17 +184,23 @@ class OnnxPort:
         layer edited apart from the rest, or layer 0, which computes what later layers reuse) gets a
         session of its own the same way."""
         segment = self._extractor.extract_model([cut, *self.inputs], [out])
+        read = {name for node in segment.graph.node for name in node.input}
+        kept = [value for value in segment.graph.input if value.name in read]  # a layer's own cache, not all
+        del segment.graph.input[:]
+        segment.graph.input.extend(kept)
         for shared, session in self._shared:
             if (names := same_structure(shared.graph, segment.graph)) is not None:
                 break
         else:
-            shared, names = segment, {t.name: t.name for t in segment.graph.initializer}
+            shared, names = segment, {v.name: v.name for v in (*segment.graph.input, *segment.graph.initializer)}
             session = self._session(weights_as_inputs(segment))
             self._shared.append((shared, session))
         weights = {t.name: t for t in segment.graph.initializer}
         folder = self.path.resolve().parent
-        feed = {**feed, **{name: initializer_array(weights[names[name]], folder) for name in names}}
-        feed[shared.graph.input[0].name] = feed[cut]  # extract_model lists the cut first
+        # Each input of the shared session takes this segment's own: its weights, and (a decode graph) its
+        # layer's past K/V, which another layer's session names past_key_values.{j}.
+        feed = {name: initializer_array(weights[own], folder) if own in weights else feed[own]
+                for name, own in names.items()}
         out = shared.graph.output[0].name
         return self._run(session, feed, [out])[out]
 
@@ -250,8 +256,8 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def same_structure(a: onnx.GraphProto, b: onnx.GraphProto) -> dict[str, str] | None:
-    """For each initializer of ``a``, the one of ``b`` in its place, if ``b`` is ``a`` node for node (same
-    ops, attributes and wiring, initializers of the same shapes) under other names; else None."""
+    """For each input and initializer of ``a``, the one of ``b`` in its place, if ``b`` is ``a`` node for
+    node (same ops, attributes and wiring, initializers of the same shapes) under other names; else None."""
     if len(a.node) != len(b.node) or len(a.input) != len(b.input) or len(a.output) != len(b.output):
         return None
     a_weights = {t.name: t for t in a.initializer}
@@ -269,7 +275,7 @@ def same_structure(a: onnx.GraphProto, b: onnx.GraphProto) -> dict[str, str] | N
                 return None
         if any(names.setdefault(u, v) != v for u, v in zip(x.output, y.output)):
             return None
-    return {name: names[name] for name in a_weights}
+    return {name: names[name] for name in (*(v.name for v in a.input), *a_weights)}
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -317,19 +323,18 @@ CANDIDATE_HEAD_BLOCK_BYTES = 2**27
 
 def locate_onnx(model: DeciCoderForCausalLM, port: OnnxPort, shape: CaseShape, mapped: dict[str, str] | None = None,
                 tap_map: str | None = None) -> LocateReport:
-    """Judge every tap of ``port`` that maps to a golden tap (``mapped``, default: port.tap_map): prefill
-    streamed where every layer's output is mapped, decode (``shape.past_len``) run whole."""
+    """Judge every tap of ``port`` that maps to a golden tap (``mapped``, default: port.tap_map), prefill or
+    (``shape.past_len``) decode: streamed where every layer's output is mapped, else run whole."""
     config = model.config
     order = golden_order(config)
     if mapped is None:
         mapped = port.tap_map(order, config.num_hidden_layers, tap_map)
     cuts = ["embed", *(f"layer_{i}.out" for i in range(config.num_hidden_layers))]
-    streamed = not shape.past_len and all(tap in mapped for tap in cuts)
+    streamed = all(tap in mapped for tap in cuts)
     report = (_locate_streamed if streamed else locate_whole)(model, port, shape, mapped, order)
-    how = ("the graph was cut at each layer's output and streamed." if streamed else
-           "a decode step's activations are small, so the graph ran whole." if shape.past_len else
-           "not every layer's output is mapped, so the graph ran whole.")
-    report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; {how}")
+    report.notes.insert(0, f"{len(mapped)} of {len(order)} golden taps mapped to tensors of {port.path.name}; "
+                        + ("the graph was cut at each layer's output and streamed." if streamed else
+                           "not every layer's output is mapped, so the graph ran whole."))
     if unmapped := [tap for tap in order if tap not in mapped]:
         report.notes.append(f"not mapped, so not judged ({len(unmapped)}): {_by_layer(unmapped, config)}")
     return report
@@ -352,8 +357,7 @@ def locate_whole(model: DeciCoderForCausalLM, port, shape: CaseShape, mapped: di
     dtype = model.lm_head.weight.dtype
     order = order or golden_order(model.config)
     inputs = make_inputs("causal_lm", model.config, shape, dtype)
-    past = [(inputs[k], inputs[v]) for k, v in map(past_names, range(model.config.num_hidden_layers))] \
-        if shape.past_len else None
+    past = [_golden_past(inputs, i) for i in range(model.config.num_hidden_layers)] if shape.past_len else None
     with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
         model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
     outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
@@ -382,11 +386,13 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
             release_freed_memory()
             golden_input, out = torch.from_numpy(hidden), mapped[f"layer_{i}.out"]
             candidate = {out: port.run_layer({**feed, cut: hidden}, cut, out)}
-            golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, None, ("out",))["out"]}
+            past = _golden_past(inputs, i) if shape.past_len else None
+            golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, past, ("out",))["out"]}
             layer = _judge(golden, candidate, mapped, tolerance, [f"layer_{i}.out"])
             results += layer
             if detail is None and first_failure(layer) is not None:  # where inside this layer?
-                detail = (i, _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance))
+                detail = (i, _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped,
+                                           tolerance))
             hidden, cut = candidate[out], out
         if head := [tap for tap in ("final_norm", "logits") if tap in mapped]:
             head_segment = port.segment([mapped[tap] for tap in head], cut)
@@ -409,11 +415,16 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
     return report
 
 
-def _layer_detail(model, port, i, golden_input, positions, feed, cut, mapped, tolerance) -> list[TapResult]:
+def _golden_past(inputs: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s cache among the golden's decode inputs."""
+    return tuple(inputs[name] for name in past_names(i))
+
+
+def _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped, tolerance) -> list[TapResult]:
     """Layer ``i`` again, golden and candidate on the same input, every mapped tap inside it (names
     relative to the layer, as trt_layers' layer detail names them)."""
     prefix = f"layer_{i}."
     inside = {tap.removeprefix(prefix): tensor for tap, tensor in mapped.items() if tap.startswith(prefix)}
     outputs = port.run({**feed, cut: golden_input.numpy()}, list(dict.fromkeys(inside.values())), cut)
-    golden = run_layer(model, i, golden_input, positions)
+    golden = run_layer(model, i, golden_input, positions, past)
     return _judge(golden, outputs, inside, tolerance, list(LAYER_TAPS))

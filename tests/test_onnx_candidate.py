@@ -241,18 +241,33 @@ def decode_export(model, tmp_path_factory):
 DECODE_ARGS = ["--model", "tiny", "--batch", "2", "--seq-len", "1", "--past-len", "5"]
 
 
-@pytest.mark.parametrize("fault, code, first", [(None, 0, None), (sigmoid_to_tanh, 1, "layer_1.mlp.act")],
-                         ids=["clean", "sigmoid_to_tanh"])
-def test_decode_graph_is_fed_the_cache_and_judged_whole(decode_export, tmp_path, fault, code, first):
-    """Its past_key_values.{i}.key/value take the golden's cache; present.{i}.key/value are judged as
-    the layers' present K/V beside every mapped tap, the graph run whole (a step's activations are small)."""
+@pytest.fixture(scope="module")
+def deep_decode_export(deep_model, tmp_path_factory):
+    return onnx.load(str(export_llama(deep_model, tmp_path_factory.mktemp("export") / "decode.onnx", past_len=5)))
+
+
+@pytest.mark.parametrize("fault", [None, sigmoid_to_tanh], ids=["clean", "sigmoid_to_tanh"])
+def test_decode_graph_streams_each_layer_with_its_own_cache(decode_export, tmp_path, fault):
+    """Its past_key_values.{i}.key/value take the golden's cache, each layer's segment its own; its
+    present.{i}.key/value are judged as the layers' present K/V inside the layer detail."""
     report = tmp_path / "report.json"
     assert main(["locate", *DECODE_ARGS, "--candidate", str(_saved(decode_export, tmp_path, fault)),
-                 "--json", str(report)]) == code
+                 "--json", str(report)]) == (fault is not None)
     verdict = json.loads(report.read_text())
-    judged = {tap["name"] for tap in verdict["taps"]}
-    assert {"layer_0.attn.present_k", "layer_1.attn.present_v", "layer_1.out", "logits"} <= judged, verdict
-    assert verdict["shape"]["past_len"] == 5 and verdict["first_failure"] == first, verdict
+    assert [tap["name"] for tap in verdict["taps"]] == ["embed", "layer_0.out", "layer_1.out", "final_norm", "logits"]
+    assert verdict["shape"]["past_len"] == 5, verdict
+    if fault is not None:
+        detail = {tap["name"]: tap["passed"] for tap in verdict["layer_detail"]["taps"]}
+        assert verdict["first_failure"] == "layer_1.out" and verdict["layer_detail"]["layer"] == 1, verdict
+        assert detail["attn.present_k"] and detail["attn.present_v"] and not detail["mlp.act"], detail
+
+
+def test_decode_layers_of_one_structure_share_a_session_fed_their_own_cache(deep_model, deep_decode_export, tmp_path):
+    """Layers 1-3 share one session, which names layer 1's cache inputs: fed layer 2's and 3's caches
+    under those names, the clean graph passes (fed layer 1's, it would diverge at layer_2.out)."""
+    port = OnnxPort(_saved(deep_decode_export, tmp_path))
+    report = locate_onnx(deep_model, port, CaseShape(batch=2, seq_len=1, past_len=5))
+    assert report.exit_code == 0 and len(report.check.results) == 7 and len(port._shared) == 2, report.text()
 
 
 @pytest.mark.parametrize("graph, args, message", [
