@@ -60,7 +60,8 @@ class OnnxPort:
         weights = {t.name for t in self.model.graph.initializer}
         self.inputs = [i.name for i in self.model.graph.input if i.name not in weights]
         # past input -> the golden's input for it (reference.inputs.past_names)
-        self.past = {name: past_names(int(m[1]))[m[2] == "value"] for name in self.inputs if (m := PAST.fullmatch(name))}
+        self.past = {name: past_names(int(m[1]))[m[2] == "value"]
+                     for name in self.inputs if (m := PAST.fullmatch(name))}
         if "input_ids" not in self.inputs or any(name not in FEEDS and name not in self.past for name in self.inputs):
             raise UsageError(f"--candidate {path}: inputs {self.inputs}; expected input_ids and optionally "
                              "position_ids, attention_mask and, for decode, past_key_values.{i}.key/value")
@@ -98,13 +99,12 @@ class OnnxPort:
             raise UsageError(f"--candidate {self.path}: " + (
                 "takes past K/V (past_key_values.{i}.key/value): run decode with --past-len N" if self.past else
                 "has no past K/V inputs: it is judged in prefill, without --phase decode or --past-len"))
-        sizes = {"input_ids": (shape.batch, shape.seq_len), "position_ids": (shape.batch, shape.seq_len),
-                 "attention_mask": (shape.batch, shape.past_len + shape.seq_len)}
+        tokens, seen = (shape.batch, shape.seq_len), (shape.batch, shape.past_len + shape.seq_len)
+        sizes = {"input_ids": tokens, "position_ids": tokens, "attention_mask": seen,
+                 **{name: (shape.batch, None, shape.past_len, None) for name in self.past}}  # None: any size
         for value in self.model.graph.input:
-            expected = sizes.get(value.name) or (None if value.name not in self.past else (shape.batch, None,
-                                                                                           shape.past_len, None))
             dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-            if expected and any(d is not None and e is not None and d != e for d, e in zip(dims, expected)):
+            if any(d is not None and e is not None and d != e for d, e in zip(dims, sizes.get(value.name, ()))):
                 raise UsageError(f"--candidate {self.path}: its {value.name} is static {dims} ([batch, seq] or "
                                  "[batch, kv heads, past, head dim]): run with --batch, --seq-len, --past-len to match")
 
@@ -130,8 +130,8 @@ class OnnxPort:
     def tap_map(self, golden_taps: list[str], num_layers: int, tap_map: str | None) -> dict[str, str]:
         """The automatic mapping, overridden tap by tap by ``tap_map`` (a JSON file)."""
         outputs = {o.name for o in self.model.graph.output}
-        presents = {f"layer_{i}.attn.present_{kind[0]}": PRESENT.format(i=i, kind=kind)
-                    for i in range(num_layers) for kind in ("key", "value") if PRESENT.format(i=i, kind=kind) in outputs}
+        presents = {f"layer_{i}.attn.present_{kind[0]}": name for i in range(num_layers) for kind in ("key", "value")
+                    if (name := PRESENT.format(i=i, kind=kind)) in outputs}
         mapped = auto_map(self.scopes, golden_taps, num_layers, aside=set(presents.values()))
         mapped.update((tap, tensor) for tap, tensor in presents.items() if tap in golden_taps)
         if tap_map is not None:
