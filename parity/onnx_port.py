@@ -28,7 +28,7 @@ import torch
 from onnx.utils import Extractor
 
 from reference import DeciCoderConfig, DeciCoderForCausalLM, capture_taps
-from reference.components import run_layer
+from reference.components import layer_past, run_layer
 from reference.inputs import CaseShape, make_inputs, past_names
 from reference.taps import LAYER_TAPS
 from trt_layers import attention_blocks
@@ -357,7 +357,7 @@ def locate_whole(model: DeciCoderForCausalLM, port, shape: CaseShape, mapped: di
     dtype = model.lm_head.weight.dtype
     order = order or golden_order(model.config)
     inputs = make_inputs("causal_lm", model.config, shape, dtype)
-    past = [_golden_past(inputs, i) for i in range(model.config.num_hidden_layers)] if shape.past_len else None
+    past = [layer_past(inputs, i) for i in range(model.config.num_hidden_layers)] if shape.past_len else None
     with torch.no_grad(), capture_taps(model, tuple(order)) as golden:
         model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
     outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
@@ -386,7 +386,7 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
             release_freed_memory()
             golden_input, out = torch.from_numpy(hidden), mapped[f"layer_{i}.out"]
             candidate = {out: port.run_layer({**feed, cut: hidden}, cut, out)}
-            past = _golden_past(inputs, i) if shape.past_len else None
+            past = layer_past(inputs, i)
             golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, past, ("out",))["out"]}
             layer = _judge(golden, candidate, mapped, tolerance, [f"layer_{i}.out"])
             results += layer
@@ -413,11 +413,6 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         where = first.name if first else "no mapped tap inside it (map more with --tap-map)"
         report.notes.append(f"Inside layer {detail[0]}, the first diverging tap is {where}.")
     return report
-
-
-def _golden_past(inputs: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``i``'s cache among the golden's decode inputs."""
-    return tuple(inputs[name] for name in past_names(i))
 
 
 def _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped, tolerance) -> list[TapResult]:

@@ -27,7 +27,7 @@ def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, l
     if component == "causal_lm":
         return _causal_lm(model, inputs)
 
-    past = _past(inputs)
+    past = layer_past(inputs)
     hidden, position_ids = inputs["hidden_states"], inputs.get("position_ids")
     run = {
         "gqa_masked": (attn, lambda: attn(hidden, position_ids)),
@@ -44,7 +44,8 @@ def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, l
     return taps
 
 
-def _past(inputs: Inputs, layer: int | None = None):
+def layer_past(inputs: Inputs, layer: int | None = None):
+    """The cache (past K, past V) among ``inputs`` for ``layer`` (a component's own: None), or None in prefill."""
     past_k, past_v = past_names(layer)
     return (inputs[past_k], inputs[past_v]) if past_k in inputs else None
 
@@ -71,7 +72,7 @@ def _causal_lm(model: DeciCoderForCausalLM, inputs: Inputs) -> Taps:
     num_layers = model.config.num_hidden_layers
     past = None
     if past_names(0)[0] in inputs:
-        past = tuple(_past(inputs, i) for i in range(num_layers))
+        past = tuple(layer_past(inputs, i) for i in range(num_layers))
     with capture_taps(model, causal_lm_taps(num_layers)) as taps:
         out = model(inputs["input_ids"], inputs["position_ids"], past_key_values=past)
     for i, (present_k, present_v) in enumerate(out.past_key_values):

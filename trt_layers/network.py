@@ -203,10 +203,10 @@ class OnnxEngine(Engine):
     refittable = True
 
     def __init__(self, runner, network: lowering.Network, weights: dict[str, np.ndarray], lowered: onnx.ModelProto,
-                 session: Callable[[onnx.ModelProto], object]):
+                 session: Callable[[onnx.ModelProto], object], fp16: bool):
         super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
         self._network, self._weights, self._lowered, self._session = network, weights, lowered, session
-        self._fp16 = onnx_fp16.round_each_op_to_fp16(lowered) is not lowered
+        self._fp16 = fp16  # rounded after each op (onnx_fp16)
         self._at_shapes: tuple[tuple, object | None] = ((), None)  # (feed shapes, their runner or None)
 
     # Outputs are views into the shared arena. A small one held past the run (a layer's output
@@ -393,7 +393,8 @@ class OnnxBackend(Backend):
         # Weights are inputs, not a serialised protobuf: a DeciCoder-1b layer builds in a fraction of
         # the time, graphs past protobuf's 2 GiB still load, and refit swaps them.
         session = functools.partial(self._session, self.session_options())
-        return OnnxEngine(OnnxrtRunner(session(model), name="onnx-lowering"), network, weights, lowered, session)
+        return OnnxEngine(OnnxrtRunner(session(model), name="onnx-lowering"), network, weights, lowered, session,
+                          fp16=model is not blocks)
 
     @staticmethod
     def _session(options, model: onnx.ModelProto):
