@@ -230,9 +230,10 @@ class OnnxEngine(Engine):
         return self._at_shapes[1] or self._runner
 
     def _long(self, shapes: dict[str, tuple[int, ...]]) -> bool:
-        # fp32 only: an fp16 graph's rounding after each op (onnx_fp16) ran in row blocks differed
-        # from the lowering op by op by an fp16 ulp (measured); its runs are the tiny ones anyway.
-        return not self._fp16 and any(dim.HasField("dim_param") and size > attention_blocks.ROWS_PER_BLOCK
+        """Whether the run's new tokens (the inputs' "seq" dimension: the attention's query rows) span
+        more than one row block. fp32 only: an fp16 graph's rounding after each op (onnx_fp16) ran in
+        row blocks differed from the lowering op by op by an fp16 ulp (measured); its runs are tiny."""
+        return not self._fp16 and any(dim.dim_param == "seq" and size > attention_blocks.ROWS_PER_BLOCK
                                       for value in self._lowered.graph.input if value.name in shapes
                                       for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]))
 
