@@ -1,5 +1,7 @@
 """Backend detection and selection, shared fixtures, and skips for what a machine cannot run."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def _seed():
 
 
 @pytest.fixture
-def head_block_rewrites(monkeypatch) -> list:
+def block_rewrites(monkeypatch) -> list:
     """The graphs ONNX Runtime is handed after trt_layers.attention_blocks' rewrite, in build order."""
     from trt_layers import attention_blocks
 
@@ -83,6 +85,12 @@ def row_blocks(request, monkeypatch) -> int | None:
 @pytest.fixture(scope="session")
 def tiny_config() -> DeciCoderConfig:
     return DeciCoderConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def plugin_config(tiny_config) -> DeciCoderConfig:
+    """The tiny model in a layout TensorRT-LLM's GPT attention plugin has kernels for: 4 heads of 32, 1 KV head."""
+    return replace(tiny_config, num_attention_heads=4, num_key_value_heads=1)
 
 
 @pytest.fixture(scope="session")

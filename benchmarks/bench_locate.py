@@ -41,7 +41,8 @@ from parity.check import build_candidate  # noqa: E402
 from parity.cli import report_file  # noqa: E402
 from parity.locate import locate  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
-from reference.inputs import CaseShape, make_inputs, past_names  # noqa: E402
+from reference.components import layer_past  # noqa: E402
+from reference.inputs import CaseShape, make_inputs  # noqa: E402
 from reference.taps import real_outputs  # noqa: E402
 from trt_layers.network import OnnxBackend, to_feed  # noqa: E402
 
@@ -98,12 +99,11 @@ def side_by_side(args, config, dtype, model, shape) -> dict:
     marked = list(real_outputs("causal_lm", config.num_hidden_layers))
     engine, build_s = _timed(lambda: build_candidate("causal_lm", model.cpu(), OnnxBackend(), shape.past_len > 0,
                                                      marked=marked), "cpu")
-    feed = to_feed(make_inputs("causal_lm", config, shape, dtype))
+    cpu_inputs = make_inputs("causal_lm", config, shape, dtype)
+    feed = to_feed(cpu_inputs)
     model.to(args.device)
-    inputs = {name: tensor.to(args.device) for name, tensor in make_inputs("causal_lm", config, shape, dtype).items()}
-    past = None
-    if shape.past_len:
-        past = [(inputs[k], inputs[v]) for k, v in map(past_names, range(config.num_hidden_layers))]
+    inputs = {name: tensor.to(args.device) for name, tensor in cpu_inputs.items()}
+    past = [layer_past(inputs, i) for i in range(config.num_hidden_layers)] if shape.past_len else None
     llama = llama_from_reference(model, attn_implementation="sdpa")
 
     def transformers_forward():

@@ -126,7 +126,7 @@ def test_dynamic_lengths_run_in_head_blocks():
     ("gqa_masked", CaseShape(2, 33, 0)), ("gqa_unmasked", CaseShape(2, 1, 40)),
     ("decoder_layer", CaseShape(1, 17, 0)), ("decoder_layer", CaseShape(1, 12, 9)),
 ], ids=["gqa_masked", "gqa_unmasked", "decoder_layer-prefill", "decoder_layer-decode"])
-def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, head_block_rewrites, row_blocks,
+def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_model, block_rewrites, row_blocks,
                                                                      layout, dtype, component, shape):
     """Marked as shipped (real outputs only), the port's attention runs in blocks: head blocks in the
     session built with the engine, row blocks in the one made for a run whose queries span several;
@@ -134,29 +134,29 @@ def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_m
     model = reference_model(layout, DTYPES[dtype])
     engine = build_candidate(component, model, OnnxBackend(), needs_decode_graph(component, shape),
                              marked=list(real_outputs(component)))
-    assert head_block_concats(head_block_rewrites[0]) == 1
+    assert head_block_concats(block_rewrites[0]) == 1
     feed = to_feed(make_inputs(component, model.config, shape, DTYPES[dtype]))
     actual = engine.infer(feed)
     in_rows = row_blocks is not None and shape.seq_len > row_blocks and dtype == "fp32"
-    assert sum(map(row_block_concats, head_block_rewrites[1:])) == in_rows
+    assert sum(map(row_block_concats, block_rewrites[1:])) == in_rows
     for name, expected in zip(actual, _run(engine.model, feed)):
         np.testing.assert_array_equal(actual[name], expected, err_msg=name)
 
 
-def test_a_tapped_attention_runs_whole(reference_model, head_block_rewrites):
+def test_a_tapped_attention_runs_whole(reference_model, block_rewrites):
     """Every tap marked (scores and probs among them): nothing to rewrite, as TensorRT fuses nothing."""
     build_candidate("gqa_masked", reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), decode=False)
-    assert head_block_concats(head_block_rewrites[0]) == 0
+    assert head_block_concats(block_rewrites[0]) == 0
 
 
 @pytest.mark.parametrize("bug", ["causal_mask_missing", "decode_masked"])
-def test_a_mask_bug_survives_the_blocks(reference_model, head_block_rewrites, row_blocks, bug):
+def test_a_mask_bug_survives_the_blocks(reference_model, block_rewrites, row_blocks, bug):
     """The blocks take the port's own mask, and stop only where it hides the keys: its real
     outputs, run in blocks, still diverge."""
     bug = BUGS[bug]
     report = locate(bug.component, reference_model("kvheads2", DTYPES["fp32"]), OnnxBackend(), bug.shape, bug)
     # shipped, then every tap marked; with row blocks, the shipped engine's run in them too
-    assert [head_block_concats(model) for model in head_block_rewrites[:2]] == [1, 0]
+    assert [head_block_concats(model) for model in block_rewrites[:2]] == [1, 0]
     in_rows = row_blocks is not None and bug.shape.seq_len > row_blocks
-    assert sum(map(row_block_concats, head_block_rewrites)) == in_rows
+    assert sum(map(row_block_concats, block_rewrites)) == in_rows
     assert first_failure(report.outputs_only) is not None

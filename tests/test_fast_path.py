@@ -4,7 +4,6 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import replace
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -49,9 +48,8 @@ def test_checkpoint_names_shapes_dtypes_and_config(tmp_path, tiny_config, dtype)
 
 
 @pytest.fixture(scope="module")
-def plugin_model(tiny_config):
-    """The tiny model with a layout the GPT attention plugin has kernels for: 4 heads of 32, 1 KV head."""
-    return random_model(replace(tiny_config, num_attention_heads=4, num_key_value_heads=1), seed=0)
+def plugin_model(plugin_config):
+    return random_model(plugin_config, seed=0)
 
 
 def test_build_refuses_a_head_size_the_plugin_has_no_kernels_for(tmp_path, capsys):

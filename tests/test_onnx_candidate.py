@@ -77,7 +77,7 @@ def test_fault_is_localized_to_its_layer_and_tap(model, export, tmp_path, fault)
     assert report.exit_code == 1 and _localized(report) == FAULTS[fault], report.text()
 
 
-def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_path, head_block_rewrites):
+def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_path, block_rewrites):
     """torch.onnx's attention (Q K^T, mask add, softmax, IsNaN/Where, P V) runs in head blocks in
     --candidate's sessions (trt_layers.attention_blocks); the graph run whole gives the same bits."""
     path = _saved(export, tmp_path)
@@ -85,7 +85,7 @@ def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_p
     feed = port.feed(make_inputs("causal_lm", model.config, SHAPE, torch.float32))
     logits_name = export.graph.output[0].name
     logits = port.run(feed, [logits_name])[logits_name]
-    assert head_block_concats(head_block_rewrites[0]) == 2  # one per layer
+    assert head_block_concats(block_rewrites[0]) == 2  # one per layer
     whole = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([logits_name], feed)[0]
     np.testing.assert_array_equal(logits, whole)
 

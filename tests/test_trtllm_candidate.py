@@ -5,7 +5,6 @@ native LLaMA, its layers' outputs registered as a port would register them, is j
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,12 +16,6 @@ from parity.onnx_port import golden_order
 from parity.trtllm_port import CONTEXT_LOGITS, as_batch_seq, automatic_names
 from reference import random_model, save_pretrained
 from trt_layers import fast_path
-
-@pytest.fixture(scope="module")
-def plugin_config(tiny_config):
-    """The tiny model in a layout the GPT attention plugin has kernels for (test_fast_path's)."""
-    return replace(tiny_config, num_attention_heads=4, num_key_value_heads=1)
-
 
 def _directory(directory, config, edit=lambda engine_config: None, engine: bool = True):
     """An engine directory's config.json (as trtllm-build writes it) for ``config``, edited; a stand-in rank0.engine."""
