@@ -176,14 +176,14 @@ class OnnxPort:
         session = self._session(weights_as_inputs(part))
         return lambda feed: self._run(session, {**feed, **weights}, outputs)
 
-    def run_layer(self, feed: dict[str, np.ndarray], cut: str, out: str) -> np.ndarray:
-        """One layer's segment, ``cut`` to ``out``. Layers whose segments have one structure share a
-        session, built once with the weights as inputs, and each is run with its own weights fed in
-        place from the external-data file (TensorRT's refit, on a graph this suite did not build): a
-        session per layer would read and repack every weight again. A segment of another structure (a
-        layer edited apart from the rest, or layer 0, which computes what later layers reuse) gets a
-        session of its own the same way."""
-        segment = self._extractor.extract_model([cut, *self.inputs], [out])
+    def run_layer(self, feed: dict[str, np.ndarray], cut: str, outputs: list[str]) -> dict[str, np.ndarray]:
+        """One layer's segment, ``cut`` to ``outputs`` (its output, and a decode graph's present K/V).
+        Layers whose segments have one structure share a session, built once with the weights as
+        inputs, and each is run with its own weights fed in place from the external-data file
+        (TensorRT's refit, on a graph this suite did not build): a session per layer would read and
+        repack every weight again. A segment of another structure (a layer edited apart from the rest,
+        or layer 0, which computes what later layers reuse) gets a session of its own the same way."""
+        segment = self._extractor.extract_model([cut, *self.inputs], outputs)
         read = {name for node in segment.graph.node for name in node.input}
         kept = [value for value in segment.graph.input if value.name in read]  # a layer's own cache, not all
         del segment.graph.input[:]
@@ -201,8 +201,8 @@ class OnnxPort:
         # layer's past K/V, which another layer's session names past_key_values.{j}.
         feed = {name: initializer_array(weights[own], folder) if own in weights else feed[own]
                 for name, own in names.items()}
-        out = shared.graph.output[0].name
-        return self._run(session, feed, [out])[out]
+        produced = self._run(session, feed, [output.name for output in shared.graph.output])
+        return dict(zip(outputs, produced.values()))  # the shared session's names, in this segment's order
 
     def _session(self, model: onnx.ModelProto):
         import onnxruntime
@@ -385,10 +385,14 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
         for i in range(config.num_hidden_layers):
             release_freed_memory()
             golden_input, out = torch.from_numpy(hidden), mapped[f"layer_{i}.out"]
-            candidate = {out: port.run_layer({**feed, cut: hidden}, cut, out)}
+            # The layer's output, and its present K/V where the graph outputs them: a cache written wrong
+            # leaves this step's output right.
+            taps = [tap for tap in ("attn.present_k", "attn.present_v") if f"layer_{i}.{tap}" in mapped] + ["out"]
+            candidate = port.run_layer({**feed, cut: hidden}, cut, [mapped[f"layer_{i}.{tap}"] for tap in taps])
             past = layer_past(inputs, i)
-            golden = {f"layer_{i}.out": run_layer(model, i, golden_input, positions, past, ("out",))["out"]}
-            layer = _judge(golden, candidate, mapped, tolerance, [f"layer_{i}.out"])
+            golden = run_layer(model, i, golden_input, positions, past, tuple(taps))
+            layer = _judge({f"layer_{i}.{tap}": golden[tap] for tap in taps}, candidate, mapped, tolerance,
+                           [f"layer_{i}.{tap}" for tap in taps])
             results += layer
             if detail is None and first_failure(layer) is not None:  # where inside this layer?
                 detail = (i, _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped,

@@ -254,7 +254,8 @@ def test_decode_graph_streams_each_layer_with_its_own_cache(decode_export, tmp_p
     assert main(["locate", *DECODE_ARGS, "--candidate", str(_saved(decode_export, tmp_path, fault)),
                  "--json", str(report)]) == (fault is not None)
     verdict = json.loads(report.read_text())
-    assert [tap["name"] for tap in verdict["taps"]] == ["embed", "layer_0.out", "layer_1.out", "final_norm", "logits"]
+    layers = [f"layer_{i}.{tap}" for i in (0, 1) for tap in ("attn.present_k", "attn.present_v", "out")]
+    assert [tap["name"] for tap in verdict["taps"]] == ["embed", *layers, "final_norm", "logits"]
     assert verdict["shape"]["past_len"] == 5, verdict
     if fault is not None:
         detail = {tap["name"]: tap["passed"] for tap in verdict["layer_detail"]["taps"]}
@@ -267,7 +268,25 @@ def test_decode_layers_of_one_structure_share_a_session_fed_their_own_cache(deep
     under those names, the clean graph passes (fed layer 1's, it would diverge at layer_2.out)."""
     port = OnnxPort(_saved(deep_decode_export, tmp_path))
     report = locate_onnx(deep_model, port, CaseShape(batch=2, seq_len=1, past_len=5))
-    assert report.exit_code == 0 and len(report.check.results) == 7 and len(port._shared) == 2, report.text()
+    assert report.exit_code == 0 and len(report.check.results) == 1 + 3 * 4 + 2 and len(port._shared) == 2, \
+        report.text()
+
+
+def _negated_present_key(model: onnx.ModelProto) -> None:
+    """Layer 1 writes its new cache keys negated: this step's attention, and output, stay right."""
+    for node in model.graph.node:  # the layer reads the keys as computed; only the written cache changes
+        node.input[:] = ["present.1.key/computed" if name == "present.1.key" else name for name in node.input]
+        node.output[:] = ["present.1.key/computed" if name == "present.1.key" else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Neg", ["present.1.key/computed"], ["present.1.key"]))
+
+
+def test_a_cache_written_wrong_is_found_though_the_output_is_right(decode_export, tmp_path):
+    report = tmp_path / "report.json"
+    assert main(["locate", *DECODE_ARGS, "--candidate", str(_saved(decode_export, tmp_path, _negated_present_key)),
+                 "--json", str(report)]) == 1
+    verdict = json.loads(report.read_text())
+    failed = [tap["name"] for tap in verdict["taps"] if not tap["passed"]]
+    assert verdict["first_failure"] == "layer_1.attn.present_k" and failed == ["layer_1.attn.present_k"], verdict
 
 
 @pytest.mark.parametrize("graph, args, message", [
