@@ -16,6 +16,7 @@ from trt_layers import weights as weight_mapping
 from trt_layers.network import Backend, Engine, build_component, to_feed
 
 from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
+from .diagnose import Diagnosis, diagnose_check
 
 
 class UsageError(ValueError):
@@ -92,6 +93,7 @@ class CheckResult:
     shape: CaseShape
     results: list[TapResult]
     error: str | None = None  # the candidate failed to build or run (then no tap was computed)
+    diagnosis: Diagnosis | None = None  # what kind of bug the first diverging tap shows
 
     @classmethod
     def candidate_failed(cls, component: str, backend: str, dtype: torch.dtype, shape: CaseShape, num_layers: int,
@@ -111,12 +113,14 @@ class CheckResult:
                 f"batch {s.batch} seq {s.seq_len} past {s.past_len} seed {s.seed}")
 
     def table(self) -> str:
-        table = format_table(self.results, self.title())
-        return table if self.error is None else f"{table}\n{self.error}"
+        """The tap table, then the diagnosis of its first divergence or why no tap was computed."""
+        lines = [format_table(self.results, self.title())]
+        lines += [line for line in (self.diagnosis and self.diagnosis.line(), self.error) if line]
+        return "\n".join(lines)
 
     def assert_passed(self) -> None:
         if (message := failure_message(self.results, self.title())) is not None:
-            raise AssertionError(message)
+            raise AssertionError(message + (f"\n{self.diagnosis.line()}" if self.diagnosis else ""))
 
 
 def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine | list[Engine],
@@ -124,12 +128,16 @@ def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine
     """Run golden and candidate on the same seeded inputs and compare every tap, in order.
 
     Several engines of one component (say, with and without taps marked) share one golden run.
+    A check that diverges carries the diagnosis of its first diverging tap (parity.diagnose).
     """
     dtype = model.lm_head.weight.dtype
     inputs = make_inputs(component, model.config, shape, dtype)
     golden = run_component(component, model, on_device(inputs, model))
     order = component_outputs(component, model.config.num_hidden_layers)
-    checks = [CheckResult(component, backend_description, dtype, shape,
-                          compare_taps(golden, engine.infer(to_feed(inputs)), TOLERANCES[dtype], order))
-              for engine in (engines if isinstance(engines, list) else [engines])]
+    checks = []
+    for engine in engines if isinstance(engines, list) else [engines]:
+        candidate = engine.infer(to_feed(inputs))
+        results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
+        diagnosis = diagnose_check(component, model, on_device(inputs, model), golden, candidate, results)
+        checks.append(CheckResult(component, backend_description, dtype, shape, results, diagnosis=diagnosis))
     return checks if isinstance(engines, list) else checks[0]

@@ -139,12 +139,8 @@ class TapJudge:
     def _add_block(self, golden: np.ndarray, candidate: np.ndarray) -> None:
         # In torch: its elementwise ops and reductions use every core, numpy's one.
         g, c, scale = torch.from_numpy(golden), torch.from_numpy(candidate), torch.from_numpy(row_scale(golden))
-        absdiff = (c - g).abs()
-        reldiff = absdiff / torch.where(g == 0, _EPSILON, g).abs()
-        # Fails only where both errors exceed their tolerance; a NaN error exceeds any. The absolute
-        # one is in units of its row's scale (row_scale); a relative error has no units.
-        within = (absdiff <= self.tolerance.atol * scale) | (reldiff <= self.tolerance.rtol)
-        self.passed = self.passed and bool(within.all())
+        absdiff, reldiff = _errors(g, c)
+        self.passed = self.passed and bool(_within(absdiff, reldiff, scale, self.tolerance).all())
         self.max_abs = _max_keeping_nan(self.max_abs, absdiff.max().item())
         self.max_rel = _max_keeping_nan(self.max_rel, reldiff.max().item())
         self.abs_sum += absdiff.sum(dtype=torch.float64).item()
@@ -162,6 +158,24 @@ class TapJudge:
         return TapResult(self.name, self.shape, self.max_abs, self.max_rel, self.abs_sum / self.size,
                          _cosine(self.dot, self.golden_norm2, self.candidate_norm2), self.passed,
                          atol=self.tolerance.atol * self.largest_scale)
+
+
+def _errors(golden: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute and relative error of each element, as polygraphy defines them."""
+    absdiff = (candidate - golden).abs()
+    return absdiff, absdiff / torch.where(golden == 0, _EPSILON, golden).abs()
+
+
+def _within(absdiff: torch.Tensor, reldiff: torch.Tensor, scale: torch.Tensor, tolerance: Tolerance) -> torch.Tensor:
+    # Fails only where both errors exceed their tolerance; a NaN error exceeds any. The absolute
+    # one is in units of its row's scale (row_scale); a relative error has no units.
+    return (absdiff <= tolerance.atol * scale) | (reldiff <= tolerance.rtol)
+
+
+def elements_within(golden: torch.Tensor, candidate: torch.Tensor, tolerance: Tolerance) -> torch.Tensor:
+    """Which elements of ``candidate`` pass against ``golden`` (fp32 tensors of one shape), by the tap rule."""
+    scale = golden.abs().amax(-1, keepdim=True).clamp_min(1.0) if golden.ndim else torch.ones(())  # row_scale
+    return _within(*_errors(golden, candidate), scale, tolerance)
 
 
 def _max_keeping_nan(a: float, b: float) -> float:

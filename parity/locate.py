@@ -50,6 +50,7 @@ from trt_layers.network import Backend, Engine, build_component, numpy_to_torch,
 
 from .check import CheckResult, build_candidate, check_component, needs_decode_graph, on_device
 from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
+from .diagnose import NO_PATTERN, Diagnosis, diagnose_layer, diagnose_model_tap
 
 Progress = Callable[[str], None]
 
@@ -169,6 +170,10 @@ class LocateReport:
         return self.check.first_failure
 
     @property
+    def diagnosis(self) -> Diagnosis | None:
+        return self.check.diagnosis
+
+    @property
     def exit_code(self) -> int:
         outputs_failed = self.outputs_only is not None and first_failure(self.outputs_only) is not None
         return 1 if self.first_failure is not None or outputs_failed else 0
@@ -185,6 +190,8 @@ class LocateReport:
         verdict = f"FAIL at {first.name} (max abs {first.max_abs:.3e}, cosine {first.cosine:.6f})"
         if self.layer_detail is not None and (inside := first_failure(self.layer_detail[1])) is not None:
             verdict += f"; inside layer {self.layer_detail[0]}: {inside.name}"
+        if self.diagnosis is not None and self.diagnosis.hypothesis != NO_PATTERN:
+            verdict += f"; diagnosis {self.diagnosis.hypothesis}"
         return verdict
 
     def text(self) -> str:
@@ -234,7 +241,7 @@ def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape:
         tapped = build_candidate(component, model, backend, decode)
     shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape)
     outputs_only = [r for r in shipped_check.results if r.name in real_outputs(component)]
-    report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)
+    report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)  # diagnosed by check_component
     shipped_fails = first_failure(outputs_only) is not None
     tapped_fails = report.first_failure is not None
     if shipped_fails and not tapped_fails:
@@ -280,6 +287,22 @@ def judge_head(model: DeciCoderForCausalLM, hidden: np.ndarray, candidate_head: 
     return [misshapen.get(tap) or judges[tap].result() for tap in taps]
 
 
+# The head is diagnosed on its first tokens: whole logits are 384 MiB a side at 2048 tokens.
+DIAGNOSED_HEAD_TOKENS = 32
+
+
+def diagnose_head(model: DeciCoderForCausalLM, hidden: np.ndarray, candidate_head: Callable[[np.ndarray], dict],
+                  tap: str) -> Diagnosis:
+    """The diagnosis of ``tap`` (final_norm or logits) on the first tokens of ``hidden`` (what the head reads)."""
+    block = np.ascontiguousarray(hidden[:, :DIAGNOSED_HEAD_TOKENS])
+    golden_hidden = _golden_input(block, model)
+    golden_norm = model.model.norm(golden_hidden)
+    known = {"final_hidden": golden_hidden, "final_norm": golden_norm, "logits": model.lm_head(golden_norm)}
+    diagnosis = diagnose_model_tap(model, tap, known, candidate_head(block)[tap])
+    return diagnosis or Diagnosis(tap, NO_PATTERN, f"its first {block.shape[1]} tokens match: the divergence lies "
+                                                   "in later tokens, which were not diagnosed")
+
+
 @functools.cache
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none."""
@@ -309,7 +332,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     inputs = on_device(inputs, model)
     results: dict[str, TapResult] = {}
     layer_outputs = ("attn.present_k", "attn.present_v", "out")
-    detail = None
+    detail = diagnosis = None
 
     def build(piece: str, layer: int = 0, marked: tuple[str, ...] | None = None):
         return build_component(piece, config, weights, dtype, backend, decode and piece == "layer", layer=layer,
@@ -325,8 +348,12 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     with torch.no_grad(), _bug_context(bug):
         weights = weight_mapping.to_trtllm(model.state_dict(), config)
         candidate_hidden = build("embed").infer({"input_ids": feed["input_ids"]})["embed"]
-        results.update((r.name, r) for r in compare_taps({"embed": model.model.embed_tokens(inputs["input_ids"])},
-                                                          {"embed": candidate_hidden}, tolerance))
+        golden_embed = {"embed": model.model.embed_tokens(inputs["input_ids"])}
+        results.update((r.name, r) for r in compare_taps(golden_embed, {"embed": candidate_hidden}, tolerance))
+        if not results["embed"].passed:
+            diagnosis = diagnose_model_tap(model, "embed", {**golden_embed, "input_ids": inputs["input_ids"]},
+                                           candidate_hidden)
+        diverged = not results["embed"].passed
         engine = None
         for i in range(config.num_hidden_layers):
             start = time.perf_counter()
@@ -348,19 +375,32 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             for r in compared:
                 name = f"layer_{i}.{r.name.removeprefix('attn.')}"
                 results[name] = replace(r, name=name)
-            if detail is None and first_failure(compared) is not None:  # where inside this layer?
+            if detail is None and first_failure(compared) is not None:  # where inside this layer, and what?
                 golden_taps = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
-                detail = (i, compare_taps(golden_taps, build("layer", i).infer(layer_feed), tolerance))
-                del golden_taps
+                candidate_taps = build("layer", i).infer(layer_feed)
+                detail = (i, compare_taps(golden_taps, candidate_taps, tolerance))
+                if not diverged:
+                    layer_inputs = {"hidden_states": golden_hidden, "position_ids": inputs["position_ids"]}
+                    layer_inputs.update(zip(("past_k", "past_v"), past or ()))
+                    diagnosis = (diagnose_layer(model, i, detail[1], golden_taps, candidate_taps, layer_inputs)
+                                 or diagnose_layer(model, i, compared, golden, candidate, layer_inputs))
+                del golden_taps, candidate_taps
+            diverged = diverged or first_failure(compared) is not None
             candidate_hidden = candidate["out"]
             progress(f"layer {i + 1}/{config.num_hidden_layers}: {time.perf_counter() - start:.2f} s")
         head = build("head")
-        results.update((r.name, r) for r in judge_head(model, candidate_hidden,
-                                                       lambda block: head.infer({"hidden_states": block}),
-                                                       ["final_norm", "logits"], tolerance))
+
+        def candidate_head(block: np.ndarray) -> dict:
+            return head.infer({"hidden_states": block})
+
+        head_results = judge_head(model, candidate_hidden, candidate_head, ["final_norm", "logits"], tolerance)
+        results.update((r.name, r) for r in head_results)
+        if not diverged and (first := first_failure(head_results)) is not None:
+            diagnosis = diagnose_head(model, candidate_hidden, candidate_head, first.name)
 
     order = component_outputs("causal_lm", config.num_hidden_layers)
-    check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order])
+    check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order],
+                        diagnosis=diagnosis)
     report = LocateReport(check, layer_detail=detail, bug=bug.name if bug else None)
     report.notes.append("The candidate ran piece by piece (embedding, one decoder-layer engine given each layer's "
                         "weights in turn, head), each piece fed the candidate's previous output; the golden reran "

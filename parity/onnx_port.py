@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from trt_layers.network import beside_the_golden
 
 from .check import CheckResult, UsageError, candidate_stage
 from .compare import TOLERANCES, TapResult, compare_taps, first_failure
-from .locate import LocateReport, judge_head, release_freed_memory
+from .diagnose import Diagnosis, diagnose_layer, diagnose_model_tap, diagnose_whole
+from .locate import LocateReport, diagnose_head, judge_head, release_freed_memory
 from .tapmap import GraphScopes, TapMapError, auto_map, load_tap_map
 
 FEEDS = ("input_ids", "position_ids", "attention_mask")
@@ -363,7 +365,9 @@ def locate_whole(model: DeciCoderForCausalLM, port, shape: CaseShape, mapped: di
     outputs = port.run(port.feed(inputs), list(dict.fromkeys(mapped.values())))
     produced = {tap: tensor for tap, tensor in mapped.items() if tensor in outputs}
     results = _judge(golden, outputs, produced, TOLERANCES[dtype], order)
-    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results))
+    candidate = {tap: _as_golden_layout(outputs[tensor], golden[tap]) for tap, tensor in produced.items()}
+    diagnosis = diagnose_whole(model, results, golden, candidate, inputs)
+    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results, diagnosis=diagnosis))
     if missing := [tap for tap in mapped if tap not in produced]:
         report.notes.append(f"mapped, but not among the candidate's outputs (not marked when it was built), so not "
                             f"judged: {', '.join(missing)}")
@@ -375,12 +379,14 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
     tolerance = TOLERANCES[dtype]
     inputs = make_inputs("causal_lm", config, shape, dtype)
     feed, positions = port.feed(inputs), inputs["position_ids"]
-    results, detail = [], None
+    results, detail, diagnosis = [], None, None
     with torch.no_grad():
         hidden = port.run(feed, [mapped["embed"]])[mapped["embed"]]
-        results += _judge({"embed": model.model.embed_tokens(inputs["input_ids"])}, {mapped["embed"]: hidden},
-                          mapped, tolerance, ["embed"])
+        golden_embed = {"embed": model.model.embed_tokens(inputs["input_ids"])}
+        results += _judge(golden_embed, {mapped["embed"]: hidden}, mapped, tolerance, ["embed"])
         weights_differ = not results[0].passed
+        if weights_differ:
+            diagnosis = diagnose_model_tap(model, "embed", {**golden_embed, "input_ids": inputs["input_ids"]}, hidden)
         cut = mapped["embed"]
         for i in range(config.num_hidden_layers):
             release_freed_memory()
@@ -394,9 +400,17 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
             layer = _judge({f"layer_{i}.{tap}": golden[tap] for tap in taps}, candidate, mapped, tolerance,
                            [f"layer_{i}.{tap}" for tap in taps])
             results += layer
-            if detail is None and first_failure(layer) is not None:  # where inside this layer?
-                detail = (i, _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped,
-                                           tolerance))
+            if detail is None and first_failure(layer) is not None:  # where inside this layer, and what?
+                layer_inputs = {"hidden_states": golden_input, "position_ids": positions}
+                layer_inputs.update(zip(("past_k", "past_v"), past or ()))
+                detail_results, detail_diagnosis = _layer_detail(model, port, i, layer_inputs, past, feed, cut,
+                                                                 mapped, tolerance)
+                detail = (i, detail_results)
+                if diagnosis is None and first_failure(results[:-len(layer)]) is None:
+                    diagnosis = detail_diagnosis or diagnose_layer(
+                        model, i, [replace(r, name=r.name.removeprefix(f"layer_{i}.")) for r in layer], golden,
+                        {tap: _as_golden_layout(candidate[mapped[f"layer_{i}.{tap}"]], golden[tap]) for tap in taps},
+                        layer_inputs)
             hidden, cut = candidate[out], out
         if head := [tap for tap in ("final_norm", "logits") if tap in mapped]:
             head_segment = port.segment([mapped[tap] for tap in head], cut)
@@ -405,8 +419,12 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
                 outputs = head_segment({**feed, cut: block})
                 return {tap: outputs[mapped[tap]] for tap in head}
 
-            results += judge_head(model, hidden, candidate_head, head, tolerance, CANDIDATE_HEAD_BLOCK_BYTES)
-    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results), layer_detail=detail)
+            head_results = judge_head(model, hidden, candidate_head, head, tolerance, CANDIDATE_HEAD_BLOCK_BYTES)
+            if first_failure(results) is None and (first := first_failure(head_results)) is not None:
+                diagnosis = diagnose_head(model, hidden, candidate_head, first.name)
+            results += head_results
+    report = LocateReport(CheckResult("causal_lm", port.description, dtype, shape, results, diagnosis=diagnosis),
+                          layer_detail=detail)
     report.notes.append("Each segment ran on the candidate's own previous output, and the golden reran each layer "
                         "and the head on that same input: each row judges that piece alone.")
     if weights_differ:
@@ -419,11 +437,14 @@ def _locate_streamed(model, port, shape, mapped, order) -> LocateReport:
     return report
 
 
-def _layer_detail(model, port, i, golden_input, positions, past, feed, cut, mapped, tolerance) -> list[TapResult]:
-    """Layer ``i`` again, golden and candidate on the same input, every mapped tap inside it (names
-    relative to the layer, as trt_layers' layer detail names them)."""
+def _layer_detail(model, port, i, inputs, past, feed, cut, mapped, tolerance) -> tuple[list[TapResult],
+                                                                                      Diagnosis | None]:
+    """Layer ``i`` again, golden and candidate on the same ``inputs``, every mapped tap inside it (names
+    relative to the layer, as trt_layers' layer detail names them), and the first divergence's diagnosis."""
     prefix = f"layer_{i}."
     inside = {tap.removeprefix(prefix): tensor for tap, tensor in mapped.items() if tap.startswith(prefix)}
-    outputs = port.run({**feed, cut: golden_input.numpy()}, list(dict.fromkeys(inside.values())), cut)
-    golden = run_layer(model, i, golden_input, positions, past)
-    return _judge(golden, outputs, inside, tolerance, list(LAYER_TAPS))
+    outputs = port.run({**feed, cut: inputs["hidden_states"].numpy()}, list(dict.fromkeys(inside.values())), cut)
+    golden = run_layer(model, i, inputs["hidden_states"], inputs["position_ids"], past)
+    results = _judge(golden, outputs, inside, tolerance, list(LAYER_TAPS))
+    candidate = {tap: _as_golden_layout(outputs[inside[tap]], golden[tap]) for tap in inside if tap in golden}
+    return results, diagnose_layer(model, i, results, golden, candidate, inputs)

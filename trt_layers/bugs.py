@@ -2,8 +2,9 @@
 
 Each bug replaces one named piece of the port (a helper in ``modeling.py`` or an entry of the
 weight mapping) while it is injected, so the component code itself carries no bug switches.
-Each names the component check that must catch it, the case that exposes it, and the first
-tap where the divergence must be reported; and where it can show at all (``Shows``): a check
+Each names the component check that must catch it, the case that exposes it, the first
+tap where the divergence must be reported and the diagnosis it must get there (a
+parity.diagnose hypothesis); and where it can show at all (``Shows``): a check
 outside that computes the same numbers with and without the bug, so ``locate`` refuses to
 inject it there rather than print a PASS that checked nothing. The tests and the command line
 use this one catalog.
@@ -15,7 +16,7 @@ import contextlib
 import importlib
 from collections import ChainMap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -66,6 +67,7 @@ class Bug:
     first_tap: str  # where that check must report the first divergence
     shows: Shows  # every check that can catch it
     shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case of ``component`` that exposes it (GQA, 2 KV heads)
+    hypothesis: str = field(kw_only=True)  # the parity.diagnose hypothesis that must explain it at first_tap
 
     @contextlib.contextmanager
     def injected(self) -> Iterator[None]:
@@ -145,37 +147,40 @@ _LAYER = ("decoder_layer", "causal_lm")
 
 BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("rope_interleaved", "GPT-J interleaved rotation (TensorRT-LLM's default rope_gptj) instead of rotate-half",
-        "trt_layers.modeling:rotate_half", _rotate_every_two, "rope", "q_rot", Shows(_ROPE, min_positions=2)),
+        "trt_layers.modeling:rotate_half", _rotate_every_two, "rope", "q_rot", Shows(_ROPE, min_positions=2),
+        hypothesis="rope_layout"),
     Bug("rope_offset_forgotten", "decode positions restart at 0 instead of continuing after the cache",
         "trt_layers.modeling:rope_positions", _positions_from_zero, "rope", "cos",
-        Shows(("rope", "gqa_unmasked", *_LAYER), min_past_len=1), _DECODE),
+        Shows(("rope", "gqa_unmasked", *_LAYER), min_past_len=1), _DECODE, hypothesis="rope_positions"),
     Bug("repeat_kv_tiled", "KV heads tiled (0,1,0,1) instead of each repeated in place (0,0,1,1)",
-        "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep", Shows(_REPEAT_KV, grouped_kv=True)),
+        "trt_layers.modeling:repeat_kv", _tiled_repeat_kv, "repeat_kv", "k_rep", Shows(_REPEAT_KV, grouped_kv=True),
+        hypothesis="head_order"),
     # causal_mask builds every mask that masks something: prefill's, and inside a layer Llama's
     # decode mask over several new tokens; the bare decode attention (gqa_unmasked) runs none.
     Bug("causal_mask_missing", "prefill attention without the causal mask",
         "trt_layers.modeling:causal_mask", _no_causal_mask, "gqa_masked", "probs",
-        Shows(("gqa_masked", *_LAYER), min_seq_len=2)),
+        Shows(("gqa_masked", *_LAYER), min_seq_len=2), hypothesis="attention_mask"),
     Bug("decode_masked", "decode attention masked causally, though Deci's decode path has no mask",
         "trt_layers.modeling:no_mask", _causal_decode, "gqa_unmasked", "probs",
         Shows(("gqa_unmasked",), min_seq_len=2,
               why="inside a layer, decode takes Llama's decode mask: causal over cache and new tokens, all zeros "
-                  "for one token, which is what the bug computes"), _DECODE),
+                  "for one token, which is what the bug computes"), _DECODE, hypothesis="attention_mask"),
     Bug("kv_append_reversed", "new K/V concatenated before the cache instead of after it",
         "trt_layers.modeling:append_kv", _append_before_past, "gqa_unmasked", "present_k",
-        Shows(("gqa_unmasked", *_LAYER), min_past_len=1, cache_only=True), _DECODE),
+        Shows(("gqa_unmasked", *_LAYER), min_past_len=1, cache_only=True), _DECODE, hypothesis="sequence_order"),
     Bug("mlp_gate_up_swapped", "HF gate_proj mapped to TensorRT-LLM's mlp.gate (it belongs in mlp.fc)",
         "trt_layers.weights:HF_TO_TRTLLM",
         _swapped("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "mlp", "gate",
-        Shows(("mlp", *_LAYER))),
+        Shows(("mlp", *_LAYER)), hypothesis="other_tap"),
     Bug("rmsnorm_default_eps", "rms_norm called with TensorRT-LLM's default eps 1e-6, not the config's 1e-5",
         "trt_layers.modeling:rmsnorm", _default_eps, "rmsnorm", "out",
-        Shows(("rmsnorm", *_LAYER), harmless_with=(("rms_norm_eps", 1e-6),))),
+        Shows(("rmsnorm", *_LAYER), harmless_with=(("rms_norm_eps", 1e-6),)), hypothesis="norm_eps"),
     # The rmsnorm check runs input_layernorm, which now holds post_attention_layernorm's weight.
     Bug("layernorms_swapped", "input_layernorm and post_attention_layernorm weights exchanged",
         "trt_layers.weights:HF_TO_TRTLLM",
         _swapped("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        "decoder_layer", "input_norm", Shows(("rmsnorm", *_LAYER))),
+        "decoder_layer", "input_norm", Shows(("rmsnorm", *_LAYER)), hypothesis="other_weight"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
-        "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",))),
+        "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
+        hypothesis="other_weight"),
 ]}
