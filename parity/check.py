@@ -115,12 +115,12 @@ class CheckResult:
     def table(self) -> str:
         """The tap table, then the diagnosis of its first divergence or why no tap was computed."""
         lines = [format_table(self.results, self.title())]
-        lines += [line for line in (self.diagnosis and self.diagnosis.line(), self.error) if line]
+        lines += [line for line in (self.diagnosis and self.diagnosis.text(), self.error) if line]
         return "\n".join(lines)
 
     def assert_passed(self) -> None:
         if (message := failure_message(self.results, self.title())) is not None:
-            raise AssertionError(message + (f"\n{self.diagnosis.line()}" if self.diagnosis else ""))
+            raise AssertionError(message + (f"\n{self.diagnosis.text()}" if self.diagnosis else ""))
 
 
 def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine | list[Engine],

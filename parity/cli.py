@@ -663,7 +663,7 @@ def build_command(args: argparse.Namespace) -> int:
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
-        print(f"{'':<24} shows in {bug.shows.describe()}")
+        print(f"{'':<24} shows in {bug.shows.describe()}; diagnosed as {bug.hypothesis}")
     return 0
 
 

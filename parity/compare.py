@@ -67,22 +67,23 @@ def _to_numpy(tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
-def row_scale(golden: np.ndarray) -> np.ndarray:
-    """The unit of atol for each row (last axis) of a tap: ``max(1, max |row|)``.
+def row_scale(golden: torch.Tensor) -> torch.Tensor:
+    """The unit of atol for each row (last axis) of a tap: ``max(1, max |row|)`` over its finite values.
 
     Rounding error of a sum or dot product scales with the magnitude of what was summed, not
     with each result (fp16 attention scores of size 10 carry errors of 1e-2 at entries near 0,
     where an elementwise rtol cannot help); a row is one token's vector (one query's scores), so
     its own magnitude sets its unit, and an outlier token (RMS in the hundreds) loosens no other.
+    An infinite golden value sets no unit: an infinite atol would pass any candidate in its row.
     """
-    if golden.ndim == 0 or golden.size == 0:
-        return np.ones((1,) * golden.ndim, dtype=np.float32)
-    return np.maximum(1.0, np.abs(golden).max(axis=-1, keepdims=True))
+    if golden.ndim == 0 or golden.numel() == 0:
+        return torch.ones((1,) * golden.ndim)
+    return golden.abs().nan_to_num(0.0, posinf=0.0).amax(-1, keepdim=True).clamp_min(1.0)
 
 
 def tap_atol(tolerance: Tolerance, golden: np.ndarray) -> float:
     """The atol of the tap's largest row: the loosest any element of it is judged at."""
-    return tolerance.atol * float(row_scale(golden).max(initial=1.0))
+    return tolerance.atol * float(row_scale(torch.from_numpy(golden)).max())
 
 
 # Taps are judged in blocks of whole rows, at most this many elements each, so that a
@@ -138,7 +139,8 @@ class TapJudge:
 
     def _add_block(self, golden: np.ndarray, candidate: np.ndarray) -> None:
         # In torch: its elementwise ops and reductions use every core, numpy's one.
-        g, c, scale = torch.from_numpy(golden), torch.from_numpy(candidate), torch.from_numpy(row_scale(golden))
+        g, c = torch.from_numpy(golden), torch.from_numpy(candidate)
+        scale = row_scale(g)
         absdiff, reldiff = _errors(g, c)
         self.passed = self.passed and bool(_within(absdiff, reldiff, scale, self.tolerance).all())
         self.max_abs = _max_keeping_nan(self.max_abs, absdiff.max().item())
@@ -174,8 +176,7 @@ def _within(absdiff: torch.Tensor, reldiff: torch.Tensor, scale: torch.Tensor, t
 
 def elements_within(golden: torch.Tensor, candidate: torch.Tensor, tolerance: Tolerance) -> torch.Tensor:
     """Which elements of ``candidate`` pass against ``golden`` (fp32 tensors of one shape), by the tap rule."""
-    scale = golden.abs().amax(-1, keepdim=True).clamp_min(1.0) if golden.ndim else torch.ones(())  # row_scale
-    return _within(*_errors(golden, candidate), scale, tolerance)
+    return _within(*_errors(golden, candidate), row_scale(golden), tolerance)
 
 
 def _max_keeping_nan(a: float, b: float) -> float:

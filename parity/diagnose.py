@@ -43,11 +43,12 @@ class Diagnosis:
     hint: str = ""  # what to look for in the port
     residual: float = float("nan")  # max |candidate - transformed golden|: what the hypothesis leaves unexplained
 
-    def line(self) -> str:
+    def text(self) -> str:
+        """'diagnosis: <hypothesis> at <tap>: <finding> (...)', then the hint on a line of its own."""
         if self.hypothesis == NO_PATTERN:
             return f"diagnosis: no known pattern at {self.tap}: {self.finding}"
         return (f"diagnosis: {self.hypothesis} at {self.tap}: {self.finding} (explains the candidate within "
-                f"tolerance, residual max abs {self.residual:.2e}). {self.hint}")
+                f"tolerance: residual max abs {self.residual:.2e})\n  hint: {self.hint}")
 
 
 @dataclass
@@ -84,7 +85,9 @@ def _matches(transformed: torch.Tensor, candidate: torch.Tensor, tolerance: Tole
     if transformed.shape != candidate.shape:
         return False
     t = transformed.float()
-    same = elements_within(t, candidate, tolerance) | (t == candidate) | (t.isnan() & candidate.isnan())
+    # Non-finite values explain only themselves, in place (the judge's rule fails any NaN error).
+    within = elements_within(t, candidate, tolerance) & t.isfinite()
+    same = within | (t == candidate) | (t.isnan() & candidate.isnan())
     return bool(same.all())
 
 
@@ -167,8 +170,8 @@ def rope_layout(e: Evidence) -> Iterator[Fit]:
     cos, sin = _tables(e, e.known["position_ids"])
     half = e.config.head_dim // 2
     cos_il, sin_il = (t[..., :half].repeat_interleave(2, dim=-1) for t in (cos, sin))  # [f0, f0, f1, f1, ...]
-    gptj = ("that is TensorRT-LLM's rope_gptj (rotate_every_two); DeciCoder, as Llama, rotates halves: "
-            "PositionEmbeddingType.rope_gpt_neox")
+    gptj = ("TensorRT-LLM's rope_gptj rotates interleaved pairs (rotate_every_two); DeciCoder, as Llama, rotates "
+            "halves: PositionEmbeddingType.rope_gpt_neox")
     if e.tap in ("attn.cos", "attn.sin"):
         yield Fit("the tables laid out for interleaved pairs (f0, f0, f1, f1, ...)", gptj, _rope_tap(e, cos_il, sin_il))
         return
@@ -293,6 +296,8 @@ def scale(e: Evidence) -> Iterator[Fit]:
     if not norm2:
         return
     factor = float((g * c).sum()) / norm2  # least squares: c ~ factor * g
+    if not math.isfinite(factor):
+        return
     name = next((n for n, f in _factors(e).items() if math.isclose(factor, f, rel_tol=1e-3)), f"{factor:.6g}")
     yield Fit(f"the golden times {name}", _scale_hint(e, name), e.golden.float() * factor)
     if e.tap in _HEAD_TAPS and g.shape[1] > 1:

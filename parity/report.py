@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 from .compare import TOLERANCES, TapResult, first_failure
+from .diagnose import Diagnosis
 from .locate import LocateReport
 
 
@@ -20,6 +21,13 @@ def _tap(r: TapResult) -> dict:
     return {"name": r.name, "shape": list(r.shape), "max_abs": _number(r.max_abs), "max_rel": _number(r.max_rel),
             "mean_abs": _number(r.mean_abs), "cosine": _number(r.cosine), "atol": _number(r.atol),
             "passed": r.passed, "note": r.note}
+
+
+def _diagnosis(diagnosis: Diagnosis | None) -> dict | None:
+    if diagnosis is None:
+        return None
+    return {"tap": diagnosis.tap, "hypothesis": diagnosis.hypothesis, "finding": diagnosis.finding,
+            "hint": diagnosis.hint, "residual_max_abs": _number(diagnosis.residual)}
 
 
 def _verdict(report: LocateReport) -> str:
@@ -46,6 +54,7 @@ def to_json(report: LocateReport, model: str) -> dict:
         "layer_detail": None if report.layer_detail is None else {
             "layer": report.layer_detail[0], "taps": [_tap(r) for r in report.layer_detail[1]]},
         "first_failure": None if first is None else first.name,
+        "diagnosis": _diagnosis(report.diagnosis),
         "candidate_error": check.error,
         "notes": report.notes,
         "passed": report.exit_code == 0,
@@ -71,6 +80,8 @@ def to_markdown(report: LocateReport, model: str) -> str:
         verdict = "pass" if r.passed else ("**FAIL (first)**" if r is first else "FAIL")
         lines.append(f"| `{r.name}` | {list(r.shape)} | {r.max_abs:.3e} | {r.max_rel:.3e} | {r.mean_abs:.3e} | "
                      f"{r.cosine:.6f} | {verdict} |")
+    if report.diagnosis is not None:
+        lines += ["", report.diagnosis.text().replace("\n  ", "  \n")]  # the hint on a line of its own
     lines += [""] + [f"> {note}" for note in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -33,6 +33,16 @@ def test_an_outlier_row_is_judged_in_its_own_units():
     assert not _judge(golden, off_in_outlier_row)
 
 
+def test_an_infinite_golden_value_loosens_nothing_in_its_row():
+    """An infinite atol would pass any candidate in the row: the row's unit comes from its finite values."""
+    golden = np.ones((1, 2, 8), dtype=np.float32)
+    golden[0, 0, 0] = np.inf
+    wrong = golden.copy()
+    wrong[0, 0, 3] = -5.0
+    assert not _judge(golden, wrong)
+    assert compare.row_scale(torch.from_numpy(golden)).flatten().tolist() == [1.0, 1.0]
+
+
 def test_reported_errors_are_in_the_taps_own_units():
     golden = np.full((4, 8), 200.0, dtype=np.float32)
     candidate = golden.copy()

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from parity.check import UsageError
 from parity.compare import first_failure
+from parity.diagnose import NO_PATTERN
 from parity.export import export_llama
 from parity.export_edits import FAULTS, find_node, renamed, sigmoid_to_tanh
 from parity.cli import main
@@ -71,10 +72,19 @@ def test_clean_export_streams_and_passes(model, export, tmp_path):
     assert "streamed" in report.notes[0] and "layer_{i}.attn.q_rot" in report.notes[-1]
 
 
+# What each fault's first diverging mapped tap shows (parity.diagnose). q * sin where q * cos belongs fits
+# no hypothesis: said so, not guessed.
+DIAGNOSES = {"swap_rope_cos_for_sin": NO_PATTERN, "change_norm_eps": "norm_eps", "drop_mask_add": "attention_mask",
+             "sigmoid_to_tanh": "activation"}
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
-def test_fault_is_localized_to_its_layer_and_tap(model, export, tmp_path, fault):
+def test_fault_is_localized_to_its_layer_and_tap_and_diagnosed(model, export, tmp_path, fault):
     report = locate_onnx(model, OnnxPort(_saved(export, tmp_path, fault)), SHAPE)
-    assert report.exit_code == 1 and _localized(report) == FAULTS[fault], report.text()
+    layer, tap = FAULTS[fault]
+    assert report.exit_code == 1 and _localized(report) == (layer, tap), report.text()
+    assert (report.diagnosis.tap, report.diagnosis.hypothesis) == (f"layer_{layer}.{tap}",
+                                                                   DIAGNOSES[fault.__name__]), report.text()
 
 
 def test_attention_runs_in_head_blocks_with_the_graphs_bits(model, export, tmp_path, block_rewrites):
@@ -287,6 +297,7 @@ def test_a_cache_written_wrong_is_found_though_the_output_is_right(decode_export
     verdict = json.loads(report.read_text())
     failed = [tap["name"] for tap in verdict["taps"] if not tap["passed"]]
     assert verdict["first_failure"] == "layer_1.attn.present_k" and failed == ["layer_1.attn.present_k"], verdict
+    assert verdict["diagnosis"]["hypothesis"] == "scale" and "times -1" in verdict["diagnosis"]["finding"], verdict
 
 
 @pytest.mark.parametrize("graph, args, message", [
