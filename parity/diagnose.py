@@ -309,18 +309,18 @@ def scale(e: Evidence) -> Iterator[Fit]:
 
 # ---------------------------------------------------------------- order along heads and tokens
 
-def _sources(e: Evidence, axis: int) -> list[int] | None:
-    """For each index along ``axis`` of the candidate, the golden index holding the same values (itself where it
-    does), or None when one has no match. Matched on a sample of each slice; the caller verifies the whole."""
-    g, c = e.golden.float().movedim(axis, 0), e.candidate.movedim(axis, 0)
-    n = g.shape[0]
-    g, c = g.reshape(n, -1), c.reshape(n, -1)
+def _sources(e: Evidence, axis: int, pool: torch.Tensor | None = None) -> list[int] | None:
+    """For each index along ``axis`` of the candidate, the index of ``pool`` (default the golden) holding the
+    same values (itself where it does), or None when one has no match. Matched on a sample of each slice;
+    the caller verifies the whole."""
+    g, c = (e.golden if pool is None else pool).float().movedim(axis, 0), e.candidate.movedim(axis, 0)
+    g, c = g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1)
     columns = torch.linspace(0, g.shape[1] - 1, min(g.shape[1], 256)).long()
     gs, cs = g[:, columns], c[:, columns]
     # The sample's own unit of atol: a match passes, so each element is within it or within rtol.
     unit = e.tolerance.atol * max(1.0, float(gs.abs().max())) + e.tolerance.rtol * gs.abs()
     sources = []
-    for j in range(n):
+    for j in range(c.shape[0]):
         matches = ((cs[j] - gs).abs() <= unit).all(dim=1).nonzero().flatten().tolist()
         if not matches:
             return None
@@ -356,6 +356,34 @@ def head_order(e: Evidence) -> Iterator[Fit]:
     """The heads in another order: tiled vs repeated in place, reversed KV heads, any permutation."""
     if e.tap in _HEAD_TAPS and e.golden.shape[1] > 1 and (sources := _sources(e, 1)) is not None:
         yield Fit(*_describe_heads(e, sources), e.golden[:, sources])
+
+
+def qkv_layout(e: Evidence) -> Iterator[Fit]:
+    """q, k or v heads taken from other parts of the fused QKV: its rows read in another layout."""
+    if e.tap not in ("attn.q", "attn.k", "attn.v") or not {"attn.q", "attn.k", "attn.v"} <= e.known.keys():
+        return
+    parts = {name: e.known[f"attn.{name}"] for name in "qkv"}
+    pool = torch.cat(list(parts.values()), dim=1)  # [b, heads + 2 kv_heads, s, d]
+    labels = [f"{name}{h}" for name, t in parts.items() for h in range(t.shape[1])]
+    sources = _sources(e, 1, pool)
+    if sources is not None and any(labels[i][0] != e.tap[-1] for i in sources):
+        shown = ",".join(labels[i] for i in sources[:12]) + (",..." if len(sources) > 12 else "")
+        yield Fit(f"heads taken across the fused QKV: ({shown})", "TensorRT-LLM's LLaMA fuses QKV as [all q heads; "
+                  "all k heads; all v heads]; the port reads another layout (per head q_h, k_h, v_h, as GPT-NeoX)",
+                  pool[:, sources])
+
+
+def kv_groups(e: Evidence) -> Iterator[Fit]:
+    """Each KV head repeated for another group size than the config's heads / KV heads (another head count)."""
+    present = e.known.get({"attn.k_rep": "attn.present_k", "attn.v_rep": "attn.present_v"}.get(e.tap, ""))
+    if present is None or e.candidate.ndim != 4:
+        return
+    kv_heads, heads = present.shape[1], e.candidate.shape[1]
+    if heads % kv_heads == 0 and heads != e.golden.shape[1]:
+        yield Fit(f"each KV head repeated for {heads // kv_heads} query heads ({heads} heads) where the config's "
+                  f"{e.golden.shape[1]}:{kv_heads} grouping has {e.golden.shape[1] // kv_heads}",
+                  "derive the group size from the config, num_attention_heads // num_key_value_heads (4 is "
+                  "DeciCoder-1b's 32:4)", modeling.repeat_kv(present, heads // kv_heads))
 
 
 def sequence_order(e: Evidence) -> Iterator[Fit]:
@@ -516,8 +544,10 @@ def overflow(e: Evidence) -> Iterator[Fit]:
 
 
 HYPOTHESES: dict[str, Hypothesis] = {h.__name__: h for h in (
-    other_tap, rope_layout, rope_positions, rope_theta, attention_mask, scale, head_order, sequence_order,
-    other_weight, norm_eps, activation, lower_precision, overflow)}
+    other_tap, rope_layout, rope_positions, rope_theta, attention_mask, scale, head_order, qkv_layout, kv_groups,
+    sequence_order, other_weight, norm_eps, activation, lower_precision, overflow)}
+# The hypotheses that explain a candidate of another shape than the golden's; the others need the same shape.
+RESHAPING = {"kv_groups"}
 
 
 def diagnose(e: Evidence, name: str | None = None) -> Diagnosis | None:
@@ -525,17 +555,20 @@ def diagnose(e: Evidence, name: str | None = None) -> Diagnosis | None:
     does; None if the candidate passes (nothing to diagnose). ``name``: the tap as the report names it."""
     e.candidate = e.candidate.float()
     name = name or e.tap
-    if e.candidate.shape != e.golden.shape:
-        return Diagnosis(name, NO_PATTERN, f"shape {list(e.candidate.shape)} where the golden's is "
-                                           f"{list(e.golden.shape)}")
-    if e.explains(e.golden):
+    same_shape = e.candidate.shape == e.golden.shape
+    if same_shape and e.explains(e.golden):
         return None
     for hypothesis, generate in HYPOTHESES.items():
+        if not same_shape and hypothesis not in RESHAPING:
+            continue
         with torch.no_grad():
             for fit in generate(e):
                 if e.explains(fit.transformed, fit.tolerance):
                     residual = (fit.transformed.float() - e.candidate).abs().nan_to_num(0.0).max().item()
                     return Diagnosis(name, hypothesis, fit.finding, fit.hint, residual)
+    if not same_shape:
+        return Diagnosis(name, NO_PATTERN, f"shape {list(e.candidate.shape)} where the golden's is "
+                                           f"{list(e.golden.shape)}; no hypothesis explains it")
     return Diagnosis(name, NO_PATTERN, _error_statistics(e))
 
 
@@ -586,7 +619,10 @@ def golden_mask(q_len: int, kv_len: int, component: str = "decoder_layer") -> to
 def diagnose_check(component: str, model: DeciCoderForCausalLM, inputs: Mapping[str, torch.Tensor],
                    golden: Mapping[str, torch.Tensor], candidate: Mapping[str, object],
                    results: list[TapResult]) -> Diagnosis | None:
-    """The diagnosis of a component check's first diverging tap (layer 0's modules, as components run)."""
+    """The diagnosis of a component check's first diverging tap (layer 0's modules, as components run; the
+    whole model's, run whole, by diagnose_whole)."""
+    if component == "causal_lm":
+        return diagnose_whole(model, results, golden, candidate, inputs)
     first = first_failure(results)
     if first is None or first.name not in candidate:
         return None
@@ -631,13 +667,19 @@ def diagnose_whole(model: DeciCoderForCausalLM, results: list[TapResult], golden
         return diagnose_model_tap(model, first.name, known, candidate[first.name])
     layer, tap = first.name.split(".", 1)
     i = int(layer.removeprefix("layer_"))
-    known = {name.split(".", 1)[1]: tensor for name, tensor in golden.items() if name.startswith(f"{layer}.")}
+    known = {_in_layer(name.split(".", 1)[1]): tensor for name, tensor in golden.items()
+             if name.startswith(f"{layer}.")}
     if (before := "embed" if i == 0 else f"layer_{i - 1}.out") in golden:
         known["hidden_states"] = golden[before]
     known["position_ids"] = inputs["position_ids"]
     if (past := past_names(i))[0] in inputs:
         known.update(past_k=inputs[past[0]], past_v=inputs[past[1]])
-    return diagnose_layer_tap(model, i, tap, known, candidate[first.name], first.name)
+    return diagnose_layer_tap(model, i, _in_layer(tap), known, candidate[first.name], first.name)
+
+
+def _in_layer(tap: str) -> str:
+    """A whole-model tap inside a layer as the layer names it: the registry's layer_{i}.present_k is attn.present_k."""
+    return f"attn.{tap}" if tap in ("present_k", "present_v") else tap
 
 
 def diagnose_model_tap(model: DeciCoderForCausalLM, tap: str, known: Mapping[str, torch.Tensor], candidate,

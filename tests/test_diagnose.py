@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import layout_config
+from test_layouts import HARD_CODED
 from parity.check import build_candidate, check_component
 from parity.compare import TOLERANCES, compare_taps, first_failure
 from parity.diagnose import HYPOTHESES, NO_PATTERN, Evidence, diagnose, diagnose_check, diagnose_layer, scoped
@@ -105,10 +106,6 @@ def _gate_up_by_weight_names(original):
     return mlp
 
 
-def _rope_base_default(original):
-    return lambda config, dtype: original(replace(config, rope_theta=10000.0), dtype)
-
-
 def _linear_in_fp16(original):
     return lambda x, weight: F.cast(F.cast(original(x, weight), "float16"), "float32")
 
@@ -135,14 +132,13 @@ PATCHED = [
               "probs", "scale"), "kvheads2", "1/sqrt(head_dim)"),
     (_patched("gate_up_by_weight_names", "trt_layers.modeling:mlp", _gate_up_by_weight_names, "mlp", "gate",
               "other_tap"), "kvheads2", "as mlp.up"),
-    (_patched("rope_base_default", "trt_layers.modeling:rotary_tables", _rope_base_default, "rope", "cos",
-              "rope_theta"), "variant", "base 10000 where the config says 500000"),
     (_patched("linear_in_fp16", "trt_layers.modeling:linear", _linear_in_fp16, "mlp", "gate", "lower_precision"),
      "kvheads2", "computed in float16"),
     (_patched("down_proj_of_next_layer", "trt_layers.weights:to_trtllm", _down_proj_of_next_layer, "mlp", "down",
               "other_weight"), "kvheads2", "model.layers.1.mlp.down_proj.weight in place of"),
 ]
 _expects(*(bug.hypothesis for bug, _, _ in PATCHED))
+_expects(*(port.hypothesis for port, _, _ in HARD_CODED))  # values hard-coded from DeciCoder-1b: test_layouts
 
 
 @pytest.mark.parametrize("bug, layout, finding", PATCHED, ids=[bug.name for bug, _, _ in PATCHED])

@@ -53,22 +53,24 @@ def _neox_qkv_for_mha(original):
     return to_trtllm
 
 
-def _ported(name, description, target, patch, component, first_tap, shape=CaseShape(2, 7)):
-    return Bug(name, description, target, patch, component, first_tap, Shows((component,)), shape)
+def _ported(name, description, target, patch, component, first_tap, hypothesis, shape=CaseShape(2, 7)):
+    return Bug(name, description, target, patch, component, first_tap, Shows((component,)), shape,
+               hypothesis=hypothesis)
 
 
 # (port, layouts where its value is right, layouts where it must fail at its first_tap)
 HARD_CODED = [
     (_ported("rope_theta_10000", "RoPE tables built with the default theta 10000, not the config's",
-             "trt_layers.modeling:rotary_tables", _theta_10000, "rope", "cos"), ["kvheads2"], ["variant"]),
+             "trt_layers.modeling:rotary_tables", _theta_10000, "rope", "cos", "rope_theta"),
+     ["kvheads2"], ["variant"]),
     (_ported("rmsnorm_eps_1e-5", "rms_norm with DeciCoder-1b's eps 1e-5, not the config's",
-             "trt_layers.modeling:rmsnorm", _eps_1e5, "rmsnorm", "out"), ["kvheads2"], ["variant"]),
+             "trt_layers.modeling:rmsnorm", _eps_1e5, "rmsnorm", "out", "norm_eps"), ["kvheads2"], ["variant"]),
     (_ported("kv_groups_4", "each KV head repeated for 4 query heads, DeciCoder-1b's 32:4",
-             "trt_layers.modeling:repeat_kv", _four_query_heads_per_kv_head, "repeat_kv", "k_rep"),
+             "trt_layers.modeling:repeat_kv", _four_query_heads_per_kv_head, "repeat_kv", "k_rep", "kv_groups"),
      ["kvheads2"], ["variant", "kvheads8", "kvheads1"]),
     (_ported("mha_qkv_per_head", "MHA checkpoints read with GPT-NeoX's per-head fused QKV",
-             "trt_layers.weights:to_trtllm", _neox_qkv_for_mha, "gqa_masked", "q"), ["kvheads2", "kvheads1"],
-     ["kvheads8"]),
+             "trt_layers.weights:to_trtllm", _neox_qkv_for_mha, "gqa_masked", "q", "qkv_layout"),
+     ["kvheads2", "kvheads1"], ["kvheads8"]),
 ]
 
 
@@ -84,9 +86,11 @@ def test_hard_coded_value_passes_where_it_is_right(parity_check, case):
 
 
 @pytest.mark.parametrize("case", _cases(right=False))
-def test_hard_coded_value_fails_at_its_tap(parity_check, case):
-    first = parity_check(case).first_failure
+def test_hard_coded_value_fails_at_its_tap_with_its_diagnosis(parity_check, case):
+    check = parity_check(case)
+    first, diagnosis = check.first_failure, check.diagnosis
     assert first is not None and first.name == case.bug.first_tap, f"{case.bug.name} on {case.layout}: {first}"
+    assert diagnosis.hypothesis == case.bug.hypothesis, check.table()
 
 
 def test_hard_coded_head_count_fails_to_build(reference_model):
