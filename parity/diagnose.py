@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from reference import DeciCoderForCausalLM, modeling
 from reference.inputs import past_names
 
-from .compare import TOLERANCES, TapResult, Tolerance, elements_within, first_failure
+from .compare import BLOCK_ELEMENTS, TOLERANCES, TapResult, Tolerance, elements_within, first_failure
 
 NO_PATTERN = "no_known_pattern"
 
@@ -82,13 +82,20 @@ class Evidence:
 
 
 def _matches(transformed: torch.Tensor, candidate: torch.Tensor, tolerance: Tolerance) -> bool:
+    """Judged a block of rows at a time, stopping at the first block that fails: most hypotheses fail
+    at once, and a 2048-token attention tap is 512 MiB a tensor."""
     if transformed.shape != candidate.shape:
         return False
-    t = transformed.float()
-    # Non-finite values explain only themselves, in place (the judge's rule fails any NaN error).
-    within = elements_within(t, candidate, tolerance) & t.isfinite()
-    same = within | (t == candidate) | (t.isnan() & candidate.isnan())
-    return bool(same.all())
+    width = candidate.shape[-1] if candidate.ndim else 1
+    t_rows, c_rows = transformed.reshape(-1, width), candidate.reshape(-1, width)
+    step = max(1, BLOCK_ELEMENTS // width)
+    for start in range(0, len(c_rows), step):
+        t, c = t_rows[start:start + step].float(), c_rows[start:start + step]
+        # Non-finite values explain only themselves, in place (the judge's rule fails any NaN error).
+        within = elements_within(t, c, tolerance) & t.isfinite()
+        if not bool((within | (t == c) | (t.isnan() & c.isnan())).all()):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,8 @@ def _attends(e: Evidence) -> bool:
 def _attention(e: Evidence, mask: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
     """The tap (probs or context) from the golden's pre-mask scores with another mask or scale; the softmax
     in fp32, as the reference's."""
-    scores = e.known["attn.scores"].float() * scale
+    scores = e.known["attn.scores"].float()
+    scores = scores * scale if scale != 1.0 else scores
     probs = F.softmax(scores if mask is None else scores + mask, dim=-1).to(e.golden.dtype)
     return probs if e.tap == "attn.probs" else torch.matmul(probs, e.known["attn.v_rep"])
 
@@ -272,7 +280,7 @@ def _factors(e: Evidence) -> dict[str, float]:
 
 
 def _scale_hint(e: Evidence, name: str) -> str:
-    if e.tap in ("attn.scores", "attn.probs"):
+    if e.tap in ("attn.scores", "attn.probs", "attn.context"):
         if name == "1/sqrt(head_dim)":
             return ("the attention scale 1/sqrt(head_dim) applied twice: TensorRT-LLM scales q before Q K^T "
                     "(norm_before_bmm1) or in the softmax (q_scaling), not both")
@@ -297,6 +305,10 @@ def scale(e: Evidence) -> Iterator[Fit]:
         return
     factor = float((g * c).sum()) / norm2  # least squares: c ~ factor * g
     if not math.isfinite(factor):
+        return
+    if factor == 0:
+        yield Fit("all zeros", "the tap is never written: an output left unset or a buffer never filled",
+                  torch.zeros_like(e.candidate))
         return
     name = next((n for n, f in _factors(e).items() if math.isclose(factor, f, rel_tol=1e-3)), f"{factor:.6g}")
     yield Fit(f"the golden times {name}", _scale_hint(e, name), e.golden.float() * factor)
@@ -468,7 +480,7 @@ def other_weight(e: Evidence) -> Iterator[Fit]:
     for name, weight in others.items():
         if _matches(compute(e, _sample(e, x, tap=False), weight.detach()), candidate_sample, e.tolerance):
             yield Fit(f"computed with {name} in place of {own_name}", _weight_hint(e, own_name, name),
-                          compute(e, x, weight.detach()))
+                      compute(e, x, weight.detach()))
 
 
 def _fitted_eps(e: Evidence, x: torch.Tensor) -> float | None:
@@ -527,7 +539,7 @@ def lower_precision(e: Evidence) -> Iterator[Fit]:
     for dtype in (torch.float16, torch.bfloat16):
         if torch.finfo(dtype).bits < torch.finfo(e.golden.dtype).bits and torch.equal(finite.to(dtype).float(), finite):
             name = str(dtype).removeprefix("torch.")
-            yield Fit(f"every value an {name} number, within {name} tolerance: computed in {name}",
+            yield Fit(f"every value a {name} number, within {name} tolerance: computed in {name}",
                       f"a cast to {name} (or a kernel in {name}) inside the port where the run is "
                       f"{str(e.golden.dtype).removeprefix('torch.')}", e.golden.to(dtype), TOLERANCES[dtype])
 
@@ -607,13 +619,12 @@ def scoped(component: str, tap: str) -> str:
     return "input_norm" if component == "rmsnorm" else _SCOPES[component] + tap
 
 
-def golden_mask(q_len: int, kv_len: int, component: str = "decoder_layer") -> torch.Tensor | None:
+def golden_mask(q_len: int, kv_len: int, component: str = "decoder_layer", device=None) -> torch.Tensor | None:
     """The additive mask the golden attention applies: causal in prefill, none in Deci's bare decode
     attention (gqa_unmasked), Llama's decode mask (causal, offset by the cache) inside a layer."""
-    if component == "gqa_unmasked":
+    if component == "gqa_unmasked" or q_len == 1 < kv_len:  # Llama's decode mask for one token: none
         return None
-    mask = modeling.causal_mask(q_len, kv_len, torch.float32)
-    return None if q_len == 1 and kv_len > 1 else mask
+    return modeling.causal_mask(q_len, kv_len, torch.float32, device)
 
 
 def diagnose_check(component: str, model: DeciCoderForCausalLM, inputs: Mapping[str, torch.Tensor],
@@ -637,7 +648,7 @@ def diagnose_layer_tap(model: DeciCoderForCausalLM, layer: int, tap: str, known:
     """The diagnosis of ``tap`` inside decoder layer ``layer``; ``known`` holds the layer's golden taps and inputs."""
     mask = None
     if "attn.scores" in known:
-        mask = golden_mask(*known["attn.scores"].shape[-2:], component)
+        mask = golden_mask(*known["attn.scores"].shape[-2:], component, known["attn.scores"].device)
     return diagnose(Evidence(tap, known[tap], _on(candidate, known[tap]), known, model, layer, mask), name)
 
 
