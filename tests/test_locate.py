@@ -27,7 +27,7 @@ def test_default_runs_every_component_then_the_whole_model_in_both_phases(capsys
     assert [check.label for check in SUITE] == [
         "repeat_kv", "rope prefill", "rope decode", "gqa_masked", "gqa_unmasked", "mlp", "rmsnorm",
         "decoder_layer prefill", "decoder_layer decode", "causal_lm prefill", "causal_lm decode"]
-    assert "PASSED: 11 checks, 71 taps within fp32 tolerance" in out and "FAIL" not in out
+    assert "PASSED: 11 checks, 71 taps within fp32 tolerance" in out and "FAIL" not in out and "diagnosis" not in out
     assert "causal_lm [" in out and "past 5" in out and "piece by piece" in out
 
 
@@ -174,7 +174,17 @@ def test_json_is_stable_and_markdown_written(tmp_path, capsys):
     report = json.loads(paths[0].read_text())
     assert report["first_failure"] == "layer_0.present_k" and report["inject"] == "rope_interleaved"
     assert [t["name"] for t in report["taps"]][:4] == ["embed", "layer_0.present_k", "layer_0.present_v", "layer_0.out"]
-    assert "**FAIL (first)**" in (tmp_path / "report.md").read_text()
+    assert {k: report["diagnosis"][k] for k in ("tap", "hypothesis")} == {"tap": "layer_0.attn.q_rot",
+                                                                            "hypothesis": "rope_layout"}, report
+    assert report["diagnosis"]["residual_max_abs"] < 1e-5 and "rope_gpt_neox" in report["diagnosis"]["hint"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**FAIL (first)**" in markdown and "\ndiagnosis: rope_layout at layer_0.attn.q_rot: " in markdown
+
+
+def test_a_passing_report_has_no_diagnosis(tmp_path, capsys):
+    assert main(["locate", "--component", "rope", "--json", str(tmp_path / "report.json")]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["diagnosis"] is None
+    assert "diagnosis" not in capsys.readouterr().out
 
 
 def test_plot_has_one_line_per_quantity_and_labelled_axes(tmp_path, capsys):
