@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     locator = commands.add_parser(
-        "locate", help="run golden and candidate, compare every tap in order, name the first that diverges")
+        "locate", help="run golden and candidate, compare every tap in order, name the first that diverges",
+        description="Run golden and candidate, compare every tap in order, name the first that diverges, and "
+                    "diagnose it: the structural hypothesis (heads reordered, a mask's triangle, the other RoPE "
+                    "layout, another weight, ...) that explains the candidate there, or 'no known pattern'.")
     locator.add_argument("--component", choices=COMPONENTS,
                          help="check this component alone (default: every component, then the whole model, "
                               "in prefill and in decode)")

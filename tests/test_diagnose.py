@@ -52,6 +52,14 @@ def test_catalog_bug_gets_its_diagnosis_at_its_tap(reference_model, bug, layout,
     assert f"diagnosis: {bug.hypothesis} at {bug.first_tap}: " in report.text()
 
 
+@pytest.mark.parametrize("bug", [BUGS["rope_offset_forgotten"], BUGS["rope_interleaved"]], ids=lambda bug: bug.name)
+def test_rope_bug_gets_its_diagnosis_at_the_end_of_the_context(tiny_model, bug):
+    """The context's last 7 positions: angles that large still tell the layouts and the positions apart."""
+    past_len = tiny_model.config.max_position_embeddings - 7
+    report = locate("rope", tiny_model, OnnxBackend(), CaseShape(batch=2, seq_len=7, past_len=past_len), bug)
+    assert report.diagnosis.hypothesis == bug.hypothesis, report.text()
+
+
 STREAMED_CASES = [pytest.param(bug, shape, id=f"{bug.name}-{'decode' if shape.past_len else 'prefill'}")
                   for bug in BUGS.values() for shape in (CASE, DECODE)
                   if bug.shows.allows("causal_lm", shape, layout_config("kvheads2"))]
@@ -283,6 +291,15 @@ def test_correct_port_gets_no_diagnosis_over_20_seeds(reference_model, component
     for seed in range(20):
         check = check_component(component, model, engine, "onnx", replace(shape, seed=seed))
         assert check.first_failure is None and check.diagnosis is None, check.table()
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [CASE, DECODE], ids=["prefill", "decode"])
+def test_correct_streamed_model_gets_no_diagnosis_over_20_seeds(reference_model, shape, dtype):
+    model = reference_model("kvheads2", dtype)
+    for seed in range(20):
+        report = locate("causal_lm", model, OnnxBackend(), replace(shape, seed=seed))
+        assert report.exit_code == 0 and report.diagnosis is None, report.text()
 
 
 def test_scoped_names_follow_the_decoder_layer():
