@@ -32,7 +32,7 @@ from trt_layers import lowering as L
 from trt_layers.network import InputSpec, OnnxBackend
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int32: "int32", torch.int64: "int64",
-               torch.bool: "bool"}
+               torch.int8: "int8", torch.bool: "bool"}
 EXACT = {"rtol": 0, "atol": 0}
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
@@ -302,6 +302,11 @@ def _expand_implicit(i):
     return {"output": L.expand(i["input"], L.concat([L.shape(input_length, 0), 10]))}
 
 
+def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's symmetric int8 quantization (zero point 0): round half to even, saturate."""
+    return torch.round(x.float() / scale.float()).clamp(-128, 127).to(torch.int8)
+
+
 SQUEEZE_DATA = [[[-3.0, -2.0, -1.0, 10.0, -25.0]], [[0.0, 1.0, 2.0, -2.0, -1.0]]]
 
 UPSTREAM: list[Case] = [
@@ -415,6 +420,19 @@ UPSTREAM: list[Case] = [
          lambda x, y: dict(zip(("output_x", "output_y"), torch.meshgrid([x, y], indexing="ij"))), dynamic=False),
     *_alibi_cases(),
     *_cumsum_cases(),
+    # tests/unittest/trt/quantization/test_functional.py: int8 Q/DQ against torch's quantized tensors, whose
+    # int_repr (torch.quantize_per_tensor/_per_channel, deprecated in torch 2.13) is written out by _int8.
+    Case("quantization/test_functional.py::TestQuantizationFunctional::test_quantize_per_tensor",
+         lambda: {"x": randn(1, 2, 2, 4)}, lambda i: {"output": L.quantize(i["x"], const(np.float32(0.4)), "int8")},
+         lambda x: {"output": _int8(x, torch.tensor(0.4))}, EXACT),
+    Case("quantization/test_functional.py::TestQuantizationFunctional::test_quantize_per_channel",
+         lambda: {"x": randn(4, 2, 4, 8)},
+         lambda i: {"output": L.quantize(i["x"], const(np.array([0.4, 0.3], np.float32)), "int8", 1)},
+         lambda x: {"output": _int8(x, torch.tensor([0.4, 0.3])[:, None, None])}, EXACT, static=("x:1",)),
+    Case("quantization/test_functional.py::TestQuantizationFunctional::test_dequantize",
+         lambda: {"x": _int8(torch.tensor([-1.0, 0.0, 1.0, 2.0]), torch.tensor(0.1))},
+         lambda i: {"output": L.dequantize(i["x"], const(np.float32(0.1)), output_type="float32")},
+         lambda x: {"output": x.float() * torch.tensor(0.1)}),
 ]
 
 
@@ -503,7 +521,20 @@ def _rotations_expected(x):
 WEIGHT = torch.randn(5, 8, generator=torch.Generator().manual_seed(5))  # [out, in], as Linear stores it
 TABLE = torch.randn(10, 4, generator=torch.Generator().manual_seed(10))  # [vocab, hidden]
 
+# [in, out], as TensorRT-LLM's weight-only converter stores a linear's int8 weight
+INT8_WEIGHT = torch.randint(-128, 128, (6, 5), generator=torch.Generator().manual_seed(6), dtype=torch.int8)
+CHANNEL_SCALE = torch.rand(5, generator=torch.Generator().manual_seed(7)).half()  # [out]
+
 SOURCE: list[Case] = [
+    Case("quantization/functional.py:dequantize (a weight-only linear's int8 [in, out] weight, fp16 scale per "
+         "output channel, as weight_only_quant_matmul reads it without its plugin)",
+         lambda: {"w": INT8_WEIGHT}, lambda i: {"output": L.dequantize(i["w"], const(CHANNEL_SCALE.numpy()), 1,
+                                                                       "float16")},
+         lambda w: {"output": w.half() * CHANNEL_SCALE}, EXACT, static=("w:1",)),
+    Case("quantization/functional.py:quantize (fp16 input and scale, per channel)",
+         lambda: {"x": randn(3, 5, dtype=torch.float16) * 40},
+         lambda i: {"output": L.quantize(i["x"], const(CHANNEL_SCALE.numpy()), "int8", 1)},
+         lambda x: {"output": _int8(x, CHANNEL_SCALE)}, EXACT, static=("x:1",)),
     Case("functional.py:where (the issue's example: x == 0 is an EQUAL layer)",
          lambda: {"x": torch.tensor([[0, 1, 0]], dtype=torch.int32)},
          lambda i: {"output": L.where(i["x"] == 0, 1.0, 2.0)}, lambda x: {"output": torch.tensor([[1.0, 2.0, 1.0]])}),
@@ -636,6 +667,14 @@ def _mark_twice(i):
 
 
 REFUSED: list[Refusal] = [
+    Refusal("quantize: fp8 and int4 outputs are not mirrored (yet)", F32,
+            lambda i: L.quantize(i["x"], const(np.float32(0.5)), "fp8"), NotImplementedError, "fp8"),
+    Refusal("quantize: a per-tensor scale in another float type than the input's", F32,
+            lambda i: L.quantize(i["x"], const(np.float16(0.5)), "int8"), TypeError, "scale"),
+    Refusal("quantize: a 2-D scale is TensorRT's blocked quantization, not mirrored", F32,
+            lambda i: L.quantize(i["x"], const(np.ones((2, 3), np.float32)), "int8"), NotImplementedError, "blocked"),
+    Refusal("dequantize: a float input", F32, lambda i: L.dequantize(i["x"], const(np.float32(0.5))),
+            NotImplementedError, "float32"),
     Refusal("concat: TensorRT-LLM promotes Python ints, not int32 Tensors; the layer takes one dtype", I32,
             lambda i: L.concat([L.shape(i["x"], 0), i["n"]]), TypeError, "dtypes"),
     Refusal("concat: a float beside ints is an fp32 constant", I32, lambda i: L.concat([i["n"], 1.5]), TypeError,

@@ -36,6 +36,7 @@ from . import functional
 
 TRTLLM = "NVIDIA/TensorRT-LLM"
 FUNCTIONAL = f"{TRTLLM} tensorrt_llm/functional.py@0071496dc625"
+QUANT_FUNCTIONAL = f"{TRTLLM} tensorrt_llm/quantization/functional.py@2a9abd9536aa"
 UTILS = f"{TRTLLM} tensorrt_llm/_utils.py@000a01de66f0"
 BUILDER = f"{TRTLLM} tensorrt_llm/builder.py@008b2b8d23af"
 NETWORK = f"{TRTLLM} tensorrt_llm/network.py@138f96d45f90"
@@ -103,6 +104,9 @@ API: dict[str, Api] = dict([
     ("tensorrt_llm.functional.identity", Api(FUNCTIONAL, "(input)")),
     ("tensorrt_llm.functional.matmul", Api(FUNCTIONAL, "(input, mat2, transa=False, transb=False, use_fp32_acc=True)")),
     ("tensorrt_llm.functional.repeat_interleave", Api(FUNCTIONAL, "(tensor, repeats, dim)")),
+    ("tensorrt_llm.quantization.functional.quantize", Api(QUANT_FUNCTIONAL, "(input, scale_factor, dtype, axis=-1)")),
+    ("tensorrt_llm.quantization.functional.dequantize", Api(QUANT_FUNCTIONAL, "(input, scale_factor, axis=-1,"
+                                                                              " output_type='float16')")),
     ("tensorrt_llm.functional.rms_norm", Api(FUNCTIONAL, "(input, normalized_shape, num_groups=1, weight=None,"
                                                          " eps=1e-06)")),
     ("tensorrt_llm.functional.shape", Api(FUNCTIONAL, "(input, dim=None, cast_to_dtype=None, clip_before_cast=None)")),

@@ -41,6 +41,8 @@ VOCABULARY = {
     "split": "tensorrt_llm.functional",
     "unsqueeze": "tensorrt_llm.functional",
     "where": "tensorrt_llm.functional",
+    "quantize": "tensorrt_llm.quantization.functional",
+    "dequantize": "tensorrt_llm.quantization.functional",
     "torch_to_numpy": "tensorrt_llm._utils",
 }
 

@@ -38,6 +38,8 @@ DTYPES = {
     "bool": (TensorProto.BOOL, np.bool_),
 }
 _NUMPY_TO_DTYPE = {np.dtype(np_type): name for name, (_, np_type) in DTYPES.items()}
+# Constants that to_onnx can turn into fed weights: floats, and int8 (weights stored quantized).
+_WEIGHT_DTYPES = ("float32", "float16", "int8")
 _FLOATS = ("float32", "float16", "bfloat16")
 
 
@@ -62,7 +64,11 @@ class Network:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.output_names: set[str] = set()
         self.shapes: dict[str, tuple[int, ...]] = {}  # every value's build-time shape (-1 = dynamic)
+        self.opset = OPSET  # raised by the ops that need a newer one (require_opset)
         self._counters: dict[str, itertools.count] = {}
+
+    def require_opset(self, version: int) -> None:
+        self.opset = builtins.max(self.opset, version)
 
     def unique(self, prefix: str) -> str:
         counter = self._counters.setdefault(prefix, itertools.count())
@@ -149,14 +155,14 @@ class Network:
         for name, array in self.constants.items():
             if name not in used:
                 continue
-            if weights is not None and _NUMPY_TO_DTYPE[array.dtype] in ("float32", "float16"):
+            if weights is not None and _NUMPY_TO_DTYPE[array.dtype] in _WEIGHT_DTYPES:
                 weights[name] = array
                 weight_inputs.append(helper.make_tensor_value_info(name, DTYPES[_NUMPY_TO_DTYPE[array.dtype]][0],
                                                                    array.shape))
             else:
                 initializers.append(_numpy_to_tensor_proto(array, name))
         graph = helper.make_graph(self.nodes, self.name, self.inputs + weight_inputs, self.outputs, initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                  producer_name="trt_layers.lowering")
 
 
@@ -937,6 +943,56 @@ def max(input: Tensor, dim, keepdim: bool = False) -> Tensor:  # noqa: A001
 def sum(input: Tensor, dim, keepdim: bool = False) -> Tensor:  # noqa: A001
     """Mirrors functional.sum (IReduceLayer SUM)."""
     return _reduce("ReduceSum", input, dim, keepdim, _ARITHMETIC)
+
+
+# ---------------------------------------------------------------- explicit quantization
+
+def _check_scale(op: str, input: Tensor, scale_factor: Tensor, axis: int) -> int:
+    """The axis of a per-channel scale (a 1-D scale of input's size there), or -1 for a per-tensor one
+    (0-d or one element). Other scale shapes (TensorRT's blocked quantization) are not mirrored."""
+    if scale_factor.dtype not in _FLOATS:
+        raise TypeError(f"{op}: the scale must be a float tensor, not {scale_factor.dtype}")
+    if math.prod(scale_factor.shape) == 1 and len(scale_factor.shape) <= 1:
+        return -1
+    axis = _resolve_dim(axis, len(input.shape), op)
+    if len(scale_factor.shape) != 1 or scale_factor.shape[0] != input.shape[axis]:
+        raise NotImplementedError(f"{op}: a scale of shape {list(scale_factor.shape)} for input "
+                                  f"{list(input.shape)} along axis {axis} (blocked quantization) is not mirrored")
+    return axis
+
+
+def quantize(input: Tensor, scale_factor: Tensor, dtype: str, axis: int = -1) -> Tensor:
+    """Mirrors quantization.functional.quantize (IQuantizeLayer): round(input / scale) half to even,
+    saturated to int8's [-128, 127]; per tensor, or per channel along ``axis``."""
+    if dtype != "int8":
+        raise NotImplementedError(f"quantize to {dtype} is not mirrored (int8 is)")
+    if input.dtype != scale_factor.dtype or input.dtype not in _FLOATS:
+        raise TypeError(f"quantize: a {input.dtype} input with a {scale_factor.dtype} scale (a strongly typed "
+                        "network takes the input's float type for both)")
+    channel_axis = _check_scale("quantize", input, scale_factor, axis)
+    # ONNX takes the output type from the zero point: an int8 zero, as TensorRT's symmetric quantization.
+    zero = default_net().add_constant(np.zeros(scale_factor.shape, np.int8))
+    if input.dtype != "float32":
+        default_net().require_opset(19)  # QuantizeLinear-19 takes fp16/bf16 inputs and scales
+    return default_net().add_node("QuantizeLinear", [input, scale_factor, zero], "int8", input.shape,
+                                  **({"axis": channel_axis} if channel_axis >= 0 else {}))
+
+
+def dequantize(input: Tensor, scale_factor: Tensor, axis: int = -1, output_type="float16") -> Tensor:
+    """Mirrors quantization.functional.dequantize (IDequantizeLayer): int8 input times scale, per tensor or
+    per channel along ``axis``, as ``output_type``."""
+    if input.dtype != "int8":
+        raise NotImplementedError(f"dequantize of {input.dtype} is not mirrored (int8 is)")
+    output_type = _dtype_name(output_type)
+    if output_type not in _FLOATS:
+        raise TypeError(f"dequantize: output_type {output_type} is not a float type")
+    channel_axis = _check_scale("dequantize", input, scale_factor, axis)
+    if scale_factor.dtype != "float32":
+        default_net().require_opset(19)  # DequantizeLinear-19 takes fp16/bf16 scales, and outputs their type
+    # DequantizeLinear multiplies in the scale's type; TensorRT's output_type is a cast of that product.
+    scaled = default_net().add_node("DequantizeLinear", [input, scale_factor], scale_factor.dtype, input.shape,
+                                    **({"axis": channel_axis} if channel_axis >= 0 else {}))
+    return cast(scaled, output_type)
 
 
 def rms_norm(input: Tensor, normalized_shape, num_groups: int = 1, weight: Tensor | None = None,
