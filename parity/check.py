@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +71,20 @@ def needs_decode_graph(component: str, shape: CaseShape) -> bool:
     return component == "gqa_unmasked" or (component in DECODE_COMPONENTS and shape.past_len > 0)
 
 
+CandidateWeights = Callable[[], Mapping[str, torch.Tensor]]
+
+
+def reference_weights(model: DeciCoderForCausalLM) -> CandidateWeights:
+    """The candidate's weights by default: the reference's, under TensorRT-LLM names (read when built, so an
+    injected weight-mapping bug applies)."""
+    return lambda: weight_mapping.to_trtllm(model.state_dict(), model.config)
+
+
 def build_candidate(component: str, model: DeciCoderForCausalLM, backend: Backend, decode: bool,
-                    static_shapes: dict[str, tuple[int, ...]] | None = None, marked: list[str] | None = None) -> Engine:
-    """The trt_layers engine of ``component`` with the reference's weights (through the weight mapping)."""
-    weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
+                    static_shapes: dict[str, tuple[int, ...]] | None = None, marked: list[str] | None = None,
+                    weights: CandidateWeights | None = None) -> Engine:
+    """The trt_layers engine of ``component`` with ``weights`` (default: the reference's)."""
+    weights = (weights or reference_weights(model))()
     return build_component(component, model.config, weights, model.lm_head.weight.dtype, backend, decode,
                            static_shapes, marked=marked)
 

@@ -44,11 +44,11 @@ from reference import COMPONENTS, PRESETS, DeciCoderConfig, DeciCoderForCausalLM
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs, past_names
 from reference.taps import component_outputs, real_outputs
-from trt_layers import weights as weight_mapping
 from trt_layers.bugs import Bug
 from trt_layers.network import Backend, Engine, build_component, numpy_to_torch, refit_layer, to_feed
 
-from .check import CheckResult, build_candidate, check_component, needs_decode_graph, on_device
+from .check import (CandidateWeights, CheckResult, build_candidate, check_component, needs_decode_graph, on_device,
+                    reference_weights)
 from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
 from .diagnose import NO_PATTERN, Diagnosis, diagnose_layer, diagnose_model_tap
 
@@ -231,14 +231,19 @@ def _bug_context(bug: Bug | None):
 
 
 def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None = None,
-           progress: Progress | None = None) -> LocateReport:
-    """Check ``component`` of the candidate built by ``backend`` (with ``bug`` injected) against the reference."""
+           progress: Progress | None = None, weights: CandidateWeights | None = None) -> LocateReport:
+    """Check ``component`` of the candidate built by ``backend`` (with ``bug`` injected) against ``model``.
+
+    ``weights``: the candidate's (default: the reference's own, reference_weights), read when it is built.
+    """
+    weights = weights or reference_weights(model)
     if component == "causal_lm":
-        return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None))
+        return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None), weights)
     decode = needs_decode_graph(component, shape)
     with _bug_context(bug):
-        shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)))
-        tapped = build_candidate(component, model, backend, decode)
+        shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)),
+                                  weights=weights)
+        tapped = build_candidate(component, model, backend, decode, weights=weights)
     shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape)
     outputs_only = [r for r in shipped_check.results if r.name in real_outputs(component)]
     report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)  # diagnosed by check_component
@@ -323,7 +328,7 @@ def _golden_input(hidden: np.ndarray, model: DeciCoderForCausalLM) -> torch.Tens
 
 
 def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None,
-                      progress: Progress) -> LocateReport:
+                      progress: Progress, candidate_weights: CandidateWeights) -> LocateReport:
     config, dtype = model.config, model.lm_head.weight.dtype
     tolerance = TOLERANCES[dtype]
     decode = shape.past_len > 0
@@ -346,7 +351,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
         return build("layer", i, layer_outputs)
 
     with torch.no_grad(), _bug_context(bug):
-        weights = weight_mapping.to_trtllm(model.state_dict(), config)
+        weights = candidate_weights()
         candidate_hidden = build("embed").infer({"input_ids": feed["input_ids"]})["embed"]
         golden_embed = {"embed": model.model.embed_tokens(inputs["input_ids"])}
         results.update((r.name, r) for r in compare_taps(golden_embed, {"embed": candidate_hidden}, tolerance))

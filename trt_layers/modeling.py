@@ -19,6 +19,7 @@ from reference.inputs import past_names
 from reference.taps import LAYER_TAPS
 
 from . import functional as F
+from .quantization import QuantizedWeights, read_quantized
 from .weights import layer_prefix
 
 Taps = dict  # tap name -> Tensor, in execution order
@@ -26,7 +27,10 @@ Weights = dict[str, torch.Tensor]  # TensorRT-LLM names (weights.to_trtllm)
 
 
 def param(weights: Weights, name: str, dtype: torch.dtype):
-    """A weight as a named network constant in the model dtype."""
+    """A weight as a named network constant in the model dtype; one that a quantization mode stores
+    quantized (quantization.QuantizedWeights) is read back through dequantize."""
+    if isinstance(weights, QuantizedWeights) and weights.is_quantized(name):
+        return read_quantized(weights, name, dtype)
     tensor = F.constant(F.torch_to_numpy(weights[name].to(dtype).contiguous()))
     tensor.name = name
     return tensor

@@ -457,8 +457,13 @@ def refit_layer(engine: Engine, weights: Mapping[str, torch.Tensor], dtype: torc
                 built_for: int = 0) -> None:
     """Give ``engine``, a decoder layer built with layer ``built_for``'s weights, layer ``layer``'s."""
     source, target = layer_prefix(layer), layer_prefix(built_for)
-    engine.refit({target + name.removeprefix(source): lowering.torch_to_numpy(weights[name].to(dtype).contiguous())
+    engine.refit({target + name.removeprefix(source): lowering.torch_to_numpy(_as_stored(weights[name], dtype))
                   for name in weights if name.startswith(source)})
+
+
+def _as_stored(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as the network holds it: floats in the model dtype, quantized values as they are."""
+    return (weight.to(dtype) if weight.is_floating_point() else weight).contiguous()
 
 
 def build_component(component: str, config: DeciCoderConfig, weights: dict[str, torch.Tensor],

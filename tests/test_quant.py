@@ -1,0 +1,80 @@
+"""Quantized ports (trt_layers.quantization): TensorRT-LLM's quantized checkpoint layout, read back through
+dequantize, judged against the quantized golden (the reference computing with the weights the layout stores).
+
+int8_wo so far: the layout's names, shapes, dtypes and values (TensorRT-LLM's symmetric_quantize), the port
+passing against the quantized golden (every component, the streamed model, prefill and decode, fp32 and
+fp16) while diverging from full precision.
+"""
+
+import pytest
+import torch
+
+from parity.locate import locate, plan_checks
+from reference.inputs import CaseShape
+from trt_layers import weights as weight_mapping
+from trt_layers.network import OnnxBackend
+from trt_layers.quantization import MODES, QuantizedWeights, dequantized, quantized_golden, symmetric_quantize
+
+INT8_WO = MODES["int8_wo"]
+
+
+def _quantized_weights(model, mode=INT8_WO):
+    state = model.state_dict()  # the full-precision weights, kept outside quantized_golden
+    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode)
+
+
+def test_symmetric_quantize_is_tensorrt_llms():
+    """Per output channel max |w| / 128; round half away from zero (C's round); the positive maximum clips to 127."""
+    weight = torch.tensor([[1.0, -0.5, 0.25, 0.6015625], [-2.0, 0.0, 0.0, 0.0078125]])  # [out 2, in 4]
+    q, scale = symmetric_quantize(weight, 8)
+    assert scale.tolist() == [1 / 128, 2 / 128] and q.dtype == torch.int8 and q.shape == (4, 2)  # [in, out]
+    assert q[:, 0].tolist() == [127, -64, 32, 77]  # 0.6015625 * 128 = 77.0; 1.0 * 128 = 128 clipped to 127
+    assert q[:, 1].tolist() == [-128, 0, 0, 1]  # 0.0078125 * 64 = 0.5, rounded away from zero
+    assert torch.equal(dequantized(weight, 8), (q.float() * scale).t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_int8_wo_layout_is_the_checkpoints(reference_model, dtype):
+    """weight int8 [in, out], per_channel_scale [out] in the model dtype; the embedding and lm_head stay as they are."""
+    model = reference_model("kvheads2", dtype)
+    weights = _quantized_weights(model)()
+    config = model.config
+    qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    layer = "transformer.layers.1."
+    expected = {"attention.qkv": (config.hidden_size, qkv_out), "attention.dense": (config.hidden_size,) * 2,
+                "mlp.fc": (config.hidden_size, config.intermediate_size),
+                "mlp.gate": (config.hidden_size, config.intermediate_size),
+                "mlp.proj": (config.intermediate_size, config.hidden_size)}
+    for linear, shape in expected.items():
+        weight, scale = weights[f"{layer}{linear}.weight"], weights[f"{layer}{linear}.per_channel_scale"]
+        assert (weight.dtype, tuple(weight.shape), scale.dtype, tuple(scale.shape)) == (torch.int8, shape, dtype,
+                                                                                          (shape[1],)), linear
+    assert weights["lm_head.weight"].dtype == dtype and weights["transformer.vocab_embedding.weight"].dtype == dtype
+    assert weights[f"{layer}input_layernorm.weight"].dtype == dtype
+
+
+CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("check", CHECKS, ids=[check.label.replace(" ", "-") for check in CHECKS])
+def test_int8_wo_port_matches_the_quantized_golden(reference_model, check, dtype):
+    model = reference_model("kvheads2", dtype)
+    weights = _quantized_weights(model)
+    with quantized_golden(model, INT8_WO):
+        report = locate(check.component, model, OnnxBackend(), check.shape, weights=weights)
+    assert report.exit_code == 0, report.text()
+
+
+def test_int8_wo_port_diverges_from_full_precision(tiny_model):
+    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=_quantized_weights(tiny_model))
+    assert report.exit_code == 1 and report.first_failure.name == "gate", report.text()
+
+
+def test_quantized_golden_holds_no_second_weight_set_and_leaves_the_model_as_it_was(tiny_model):
+    before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
+    with quantized_golden(tiny_model, INT8_WO) as golden:
+        q_proj = golden.model.layers[0].self_attn.q_proj
+        assert torch.equal(q_proj.weight, dequantized(before["model.layers.0.self_attn.q_proj.weight"], 8))
+    after = tiny_model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)

@@ -1,0 +1,146 @@
+"""Quantized weight layouts, as TensorRT-LLM 1.2's quantized LLaMA checkpoints store them.
+
+A quantization mode is a weight layout plus the Q/DQ ops that read it back (DESIGN.md): the
+component code is unchanged, and ``modeling.param`` reads a weight that the layout stores
+quantized through ``dequantize``.
+
+int8_wo (TensorRT-LLM's QuantAlgo.W8A16): each linear of the decoder layers (attention.qkv,
+attention.dense, mlp.fc, mlp.gate, mlp.proj) is stored as ``<linear>.weight``, int8 [in, out],
+and ``<linear>.per_channel_scale``, [out] in the weights' dtype: TensorRT-LLM's converter
+(convert_utils.get_tllm_linear_weight) quantizes ``weight.t()`` with
+symmetric_quantize_last_axis_of_batched_matrix (``symmetric_quantize``). The embedding and
+lm_head stay in full precision (quantize.py's default exclude_modules). The port reads a weight
+as TensorRT-LLM's weight_only_quant_matmul does without its plugin, dequantize(weight, scale,
+axis=1) in the model dtype, transposed back to Linear's [out, in]. The plugin's preprocessed
+(interleaved, GPU-architecture-specific) copy of the same int8 values is not this layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import functional as F
+
+QUANTIZED_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+# The reference's modules those are (q/k/v each quantize alone: per output channel, fusing changes no scale).
+REFERENCE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    name: str
+    quant_algo: str  # TensorRT-LLM's QuantAlgo
+    bits: int
+    description: str
+
+
+MODES = {mode.name: mode for mode in [
+    QuantMode("int8_wo", "W8A16", 8, "INT8 weights with a scale per output channel; activations in the model dtype"),
+]}
+
+
+def symmetric_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight [out, in] as TensorRT-LLM's converter quantizes it, before the plugin's
+    preprocessing (cutlass_preprocessors.cpp, symmetric_quantize): per output channel, in fp32,
+    scale = max |w| / 2^(bits-1), stored in the weight's dtype; q = round(w / scale) with C's round
+    (half away from zero), clipped to the signed range. Returns (q int8 [in, out], scale [out])."""
+    w = weight.detach().t().float()  # [in, out]
+    scale = w.abs().amax(0) / 2 ** (bits - 1)  # [out]
+    scaled = torch.where(scale != 0, w / scale, 0.0)
+    rounded = scaled.sign() * (scaled.abs() + 0.5).floor()
+    q = rounded.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
+def dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """What the port computes with for ``weight`` [out, in]: its quantized values times their scale,
+    in the weight's dtype (the golden's weight for a quantized check)."""
+    q, scale = symmetric_quantize(weight, bits)
+    return (q.to(weight.dtype) * scale).t()
+
+
+def _is_quantized_linear(name: str) -> bool:
+    """Whether ``name`` is the weight of a linear the layout quantizes (transformer.layers.3.attention.qkv.weight)."""
+    stem = name.removesuffix(".weight")
+    return name != stem and name.startswith("transformer.layers.") and stem.endswith(
+        tuple("." + linear for linear in QUANTIZED_LINEARS))
+
+
+class QuantizedWeights(Mapping[str, torch.Tensor]):
+    """TensorRT-LLM checkpoint names over ``weights`` (weights.to_trtllm), ``mode``'s linears stored
+    quantized: ``<linear>.weight`` int8 [in, out] and ``<linear>.per_channel_scale`` [out], computed
+    when read (a streaming check holds one layer's)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode):
+        self.weights, self.mode = weights, mode
+        self._sources: dict[str, tuple[str, int | None]] = {}  # name -> (full-precision name, part or None)
+        for name in weights:
+            if not _is_quantized_linear(name):
+                self._sources[name] = (name, None)
+            else:
+                self._sources[name] = (name, 0)
+                self._sources[name.removesuffix(".weight") + ".per_channel_scale"] = (name, 1)
+        # A layer's linears are read twice (weight, then scale): keep the last few quantized.
+        self._quantized = functools.lru_cache(maxsize=len(QUANTIZED_LINEARS))(self._quantize)
+
+    def _quantize(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return symmetric_quantize(self.weights[name], self.mode.bits)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source, part = self._sources[name]
+        return self.weights[source] if part is None else self._quantized(source)[part]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def is_quantized(self, name: str) -> bool:
+        return self._sources.get(name, (name, None))[1] == 0
+
+
+def read_quantized(weights: QuantizedWeights, name: str, dtype: torch.dtype):
+    """The network's [out, in] weight ``name`` from its stored int8 values and scales (named as the
+    checkpoint names them, so an engine refits them), as weight_only_quant_matmul dequantizes them."""
+    q = F.constant(F.torch_to_numpy(weights[name].contiguous()))  # [in, out] int8
+    q.name = name
+    scale_name = name.removesuffix(".weight") + ".per_channel_scale"
+    scale = F.constant(F.torch_to_numpy(weights[scale_name].to(dtype).contiguous()))  # [out]
+    scale.name = scale_name
+    dtype_name = str(dtype).removeprefix("torch.")
+    return F.dequantize(q, scale, 1, dtype_name).transpose(0, 1)  # [out, in]
+
+
+class _Dequantized(nn.Module):
+    """A parametrization: the weight as the port computes with it."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return dequantized(weight, self.bits)
+
+
+@contextlib.contextmanager
+def quantized_golden(model: nn.Module, mode: QuantMode) -> Iterator[nn.Module]:
+    """``model`` computing, inside the block, with the weights ``mode`` stores (the quantized golden):
+    each quantized linear's weight is dequantized from its quantized values whenever it is read, so no
+    second weight set is held. Its state dict is not the checkpoint's inside the block."""
+    modules = [layer.get_submodule(path) for layer in model.model.layers for path in REFERENCE_LINEARS]
+    for module in modules:
+        parametrize.register_parametrization(module, "weight", _Dequantized(mode.bits), unsafe=True)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
