@@ -17,6 +17,7 @@ from trt_layers.network import Backend, Engine, build_component, to_feed
 
 from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
 from .diagnose import Diagnosis, diagnose_check
+from .quantized import TapBudget, format_budgets, tap_budgets
 
 
 class UsageError(ValueError):
@@ -104,6 +105,7 @@ class CheckResult:
     results: list[TapResult]
     error: str | None = None  # the candidate failed to build or run (then no tap was computed)
     diagnosis: Diagnosis | None = None  # what kind of bug the first diverging tap shows
+    budget: list[TapBudget] | None = None  # a quantized port: each tap against full precision (parity.quantized)
 
     @classmethod
     def candidate_failed(cls, component: str, backend: str, dtype: torch.dtype, shape: CaseShape, num_layers: int,
@@ -126,6 +128,8 @@ class CheckResult:
         """The tap table, then the diagnosis of its first divergence or why no tap was computed."""
         lines = [format_table(self.results, self.title())]
         lines += [line for line in (self.diagnosis and self.diagnosis.text(), self.error) if line]
+        if self.budget is not None:
+            lines.append(format_budgets(self.budget))
         return "\n".join(lines)
 
     def assert_passed(self) -> None:
@@ -134,20 +138,26 @@ class CheckResult:
 
 
 def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine | list[Engine],
-                    backend_description: str, shape: CaseShape) -> CheckResult | list[CheckResult]:
+                    backend_description: str, shape: CaseShape,
+                    full_precision: DeciCoderForCausalLM | None = None) -> CheckResult | list[CheckResult]:
     """Run golden and candidate on the same seeded inputs and compare every tap, in order.
 
     Several engines of one component (say, with and without taps marked) share one golden run.
-    A check that diverges carries the diagnosis of its first diverging tap (parity.diagnose).
+    A check that diverges carries the diagnosis of its first diverging tap (parity.diagnose). With
+    ``full_precision`` (``model`` being a quantized golden), each tap is also judged against it, within
+    the quantized golden's own deviation (parity.quantized).
     """
     dtype = model.lm_head.weight.dtype
     inputs = make_inputs(component, model.config, shape, dtype)
     golden = run_component(component, model, on_device(inputs, model))
     order = component_outputs(component, model.config.num_hidden_layers)
+    full = run_component(component, full_precision, on_device(inputs, full_precision)) if full_precision else None
     checks = []
     for engine in engines if isinstance(engines, list) else [engines]:
         candidate = engine.infer(to_feed(inputs))
         results = compare_taps(golden, candidate, TOLERANCES[dtype], order)
         diagnosis = diagnose_check(component, model, on_device(inputs, model), golden, candidate, results)
-        checks.append(CheckResult(component, backend_description, dtype, shape, results, diagnosis=diagnosis))
+        budget = None if full is None else tap_budgets(full, golden, candidate, results, TOLERANCES[dtype])
+        checks.append(CheckResult(component, backend_description, dtype, shape, results, diagnosis=diagnosis,
+                                  budget=budget))
     return checks if isinstance(engines, list) else checks[0]

@@ -51,6 +51,7 @@ from .check import (CandidateWeights, CheckResult, build_candidate, check_compon
                     reference_weights)
 from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
 from .diagnose import NO_PATTERN, Diagnosis, diagnose_layer, diagnose_model_tap
+from .quantized import TapBudget, tap_budgets, unquantized_budgets
 
 Progress = Callable[[str], None]
 
@@ -231,20 +232,25 @@ def _bug_context(bug: Bug | None):
 
 
 def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None = None,
-           progress: Progress | None = None, weights: CandidateWeights | None = None) -> LocateReport:
+           progress: Progress | None = None, weights: CandidateWeights | None = None,
+           full_precision: DeciCoderForCausalLM | None = None) -> LocateReport:
     """Check ``component`` of the candidate built by ``backend`` (with ``bug`` injected) against ``model``.
 
     ``weights``: the candidate's (default: the reference's own, reference_weights), read when it is built.
+    ``full_precision``: for a quantized port (``model`` its quantized golden), the golden each tap is also
+    judged against, within a budget (parity.quantized).
     """
     weights = weights or reference_weights(model)
     if component == "causal_lm":
-        return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None), weights)
+        return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None), weights,
+                                 full_precision)
     decode = needs_decode_graph(component, shape)
     with _bug_context(bug):
         shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)),
                                   weights=weights)
         tapped = build_candidate(component, model, backend, decode, weights=weights)
-    shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape)
+    shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape,
+                                                  full_precision)
     outputs_only = [r for r in shipped_check.results if r.name in real_outputs(component)]
     report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)  # diagnosed by check_component
     shipped_fails = first_failure(outputs_only) is not None
@@ -328,7 +334,8 @@ def _golden_input(hidden: np.ndarray, model: DeciCoderForCausalLM) -> torch.Tens
 
 
 def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: CaseShape, bug: Bug | None,
-                      progress: Progress, candidate_weights: CandidateWeights) -> LocateReport:
+                      progress: Progress, candidate_weights: CandidateWeights,
+                      full_precision: DeciCoderForCausalLM | None = None) -> LocateReport:
     config, dtype = model.config, model.lm_head.weight.dtype
     tolerance = TOLERANCES[dtype]
     decode = shape.past_len > 0
@@ -338,6 +345,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     results: dict[str, TapResult] = {}
     layer_outputs = ("attn.present_k", "attn.present_v", "out")
     detail = diagnosis = None
+    budget: list[TapBudget] = []
 
     def build(piece: str, layer: int = 0, marked: tuple[str, ...] | None = None):
         return build_component(piece, config, weights, dtype, backend, decode and piece == "layer", layer=layer,
@@ -380,6 +388,11 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             for r in compared:
                 name = f"layer_{i}.{r.name.removeprefix('attn.')}"
                 results[name] = replace(r, name=name)
+            if full_precision is not None:
+                full = run_layer(full_precision, i, golden_hidden, inputs["position_ids"], past, tuple(layer_outputs))
+                budget += [replace(b, name=f"layer_{i}.{b.name.removeprefix('attn.')}")
+                           for b in tap_budgets(full, golden, candidate, compared, tolerance)]
+                del full
             if detail is None and first_failure(compared) is not None:  # where inside this layer, and what?
                 golden_taps = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
                 candidate_taps = build("layer", i).infer(layer_feed)
@@ -404,8 +417,11 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             diagnosis = diagnose_head(model, candidate_hidden, candidate_head, first.name)
 
     order = component_outputs("causal_lm", config.num_hidden_layers)
+    if full_precision is not None:  # the embedding and the head are not quantized: their budget is the atol
+        unquantized = {b.name: b for b in unquantized_budgets([results["embed"], *head_results])}
+        budget = [unquantized["embed"], *budget, unquantized["final_norm"], unquantized["logits"]]
     check = CheckResult("causal_lm", backend.description, dtype, shape, [results[name] for name in order],
-                        diagnosis=diagnosis)
+                        diagnosis=diagnosis, budget=budget if full_precision is not None else None)
     report = LocateReport(check, layer_detail=detail, bug=bug.name if bug else None)
     report.notes.append("The candidate ran piece by piece (embedding, one decoder-layer engine given each layer's "
                         "weights in turn, head), each piece fed the candidate's previous output; the golden reran "

@@ -60,9 +60,8 @@ CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 @pytest.mark.parametrize("check", CHECKS, ids=[check.label.replace(" ", "-") for check in CHECKS])
 def test_int8_wo_port_matches_the_quantized_golden(reference_model, check, dtype):
     model = reference_model("kvheads2", dtype)
-    weights = _quantized_weights(model)
-    with quantized_golden(model, INT8_WO):
-        report = locate(check.component, model, OnnxBackend(), check.shape, weights=weights)
+    report = locate(check.component, quantized_golden(model, INT8_WO), OnnxBackend(), check.shape,
+                    weights=_quantized_weights(model))
     assert report.exit_code == 0, report.text()
 
 
@@ -71,10 +70,12 @@ def test_int8_wo_port_diverges_from_full_precision(tiny_model):
     assert report.exit_code == 1 and report.first_failure.name == "gate", report.text()
 
 
-def test_quantized_golden_holds_no_second_weight_set_and_leaves_the_model_as_it_was(tiny_model):
+def test_quantized_golden_shares_the_models_weights_and_leaves_it_full_precision(tiny_model):
     before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
-    with quantized_golden(tiny_model, INT8_WO) as golden:
-        q_proj = golden.model.layers[0].self_attn.q_proj
-        assert torch.equal(q_proj.weight, dequantized(before["model.layers.0.self_attn.q_proj.weight"], 8))
+    golden = quantized_golden(tiny_model, INT8_WO)
+    q_proj = golden.model.layers[0].self_attn.q_proj
+    assert torch.equal(q_proj.weight, dequantized(before["model.layers.0.self_attn.q_proj.weight"], 8))
+    assert q_proj.parametrizations.weight.original is tiny_model.model.layers[0].self_attn.q_proj.weight
+    assert golden.lm_head.weight is tiny_model.lm_head.weight
     after = tiny_model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)

@@ -17,7 +17,7 @@ axis=1) in the model dtype, transposed back to Linear's [out, in]. The plugin's 
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -131,16 +131,13 @@ class _Dequantized(nn.Module):
         return dequantized(weight, self.bits)
 
 
-@contextlib.contextmanager
-def quantized_golden(model: nn.Module, mode: QuantMode) -> Iterator[nn.Module]:
-    """``model`` computing, inside the block, with the weights ``mode`` stores (the quantized golden):
-    each quantized linear's weight is dequantized from its quantized values whenever it is read, so no
-    second weight set is held. Its state dict is not the checkpoint's inside the block."""
-    modules = [layer.get_submodule(path) for layer in model.model.layers for path in REFERENCE_LINEARS]
-    for module in modules:
-        parametrize.register_parametrization(module, "weight", _Dequantized(mode.bits), unsafe=True)
-    try:
-        yield model
-    finally:
-        for module in modules:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+def quantized_golden(model: nn.Module, mode: QuantMode) -> nn.Module:
+    """The quantized golden: ``model`` computing with the weights ``mode`` stores. A copy of its modules
+    sharing its parameters (no second weight set), each quantized linear's weight dequantized from its
+    quantized values whenever it is read; ``model`` itself stays full precision."""
+    golden = copy.deepcopy(model, memo={id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]})
+    for layer in golden.model.layers:
+        for path in REFERENCE_LINEARS:
+            parametrize.register_parametrization(layer.get_submodule(path), "weight", _Dequantized(mode.bits),
+                                                 unsafe=True)
+    return golden
