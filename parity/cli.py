@@ -26,6 +26,8 @@ from reference.inputs import CaseShape
 from trt_layers import fast_path
 from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend, largest_activation_bytes
+from trt_layers.quantization import MODES as QUANT_MODES
+from trt_layers.quantization import QuantMode, quantized_golden
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
@@ -33,6 +35,7 @@ from .compare import TOLERANCES, compare_taps, first_failure, format_table
 from .export import SOURCES, export
 from .locate import (DECODE, PREFILL, Check, LocateReport, load_model_as, locate, model_config, plan_checks,
                      refuse_unshowable, summary)
+from .quantized import candidate_weights
 from .report import write_json, write_markdown, write_plot
 
 DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
                          help="inject a catalog bug into the candidate (list-bugs)")
+    locator.add_argument("--quant", choices=sorted(QUANT_MODES),
+                         help="quantize the port's weights as TensorRT-LLM's checkpoint does, judge it against the "
+                              "quantized golden (exit status) and against full precision within a budget; "
+                              + "; ".join(f"{m.name}: {m.description}" for m in QUANT_MODES.values()))
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
@@ -392,7 +399,9 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _check_context(args.seq_len + most_cached, what, config)
     _check_memory(args.batch, args.seq_len, most_cached, config, args.dtype)
     if args.inject:
-        refuse_unshowable(BUGS[args.inject], args.checks, config)
+        refuse_unshowable(BUGS[args.inject], args.checks, config, args.quant)
+    if args.quant and args.candidate is not None:
+        raise UsageError("--quant quantizes the trt_layers port's weights; a --candidate port brings its own")
     if args.candidate is None:
         backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
         args.golden_device = _golden_device(args.device, backend.name)
@@ -523,9 +532,13 @@ def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
-def _locate(check, model, backend, bug, num_layers: int) -> LocateReport:
-    """One planned check; a candidate that fails to build or run is that check's divergence."""
+def _locate(check, model, backend, bug, num_layers: int, quant: QuantMode | None = None) -> LocateReport:
+    """One planned check; a candidate that fails to build or run is that check's divergence. With ``quant``,
+    the port's weights are stored quantized and the golden is the quantized one, ``model`` the full precision."""
     try:
+        if quant is not None:
+            return locate(check.component, quantized_golden(model, quant), backend, check.shape, bug,
+                          progress=_progress, weights=candidate_weights(model, quant), full_precision=model)
         return locate(check.component, model, backend, check.shape, bug, progress=_progress)
     except CandidateError as failure:
         return LocateReport(CheckResult.candidate_failed(check.component, backend.description, model.lm_head.weight.dtype,
@@ -578,13 +591,18 @@ def locate_command(args: argparse.Namespace) -> int:
     device = "cpu" if args.golden_device == "cpu" else f"cuda, {torch.cuda.get_device_name(0)}"
     print(f"golden:    reference DeciCoder (torch {torch.__version__}, {device}), model {args.model}{layout}, "
           f"{args.dtype}")
-    print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else ""))
+    quant = QUANT_MODES[args.quant] if args.quant else None
+    print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else "")
+          + (f", weights quantized: {quant.name} (TensorRT-LLM {quant.quant_algo})" if quant else ""))
+    if quant:
+        print(f"golden:    quantized: the reference computing with the {quant.name} weights (verdicts, exit status); "
+              "full precision for the budget")
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "
           f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
     reports = []
     for check in checks:
-        reports.append(_locate(check, model, backend, bug, config.num_hidden_layers))
+        reports.append(_locate(check, model, backend, bug, config.num_hidden_layers, quant))
         print(f"\n{reports[-1].text()}")
     if args.json:
         write_json(reports[0], args.model, args.json)

@@ -291,8 +291,12 @@ def _scale_hint(e: Evidence, name: str) -> str:
     return f"a constant factor {name}: look for a scale applied twice or not at all"
 
 
+_CHANNEL_FIT_TOKENS = 4
+
+
 def scale(e: Evidence) -> Iterator[Fit]:
-    """A constant factor (at probs and context: on the scores before the softmax), or one factor per head."""
+    """A constant factor (at probs and context: on the scores before the softmax), or one factor per head, or
+    per output channel."""
     if _attends(e):
         for name, factor in _factors(e).items():
             if factor > 0:
@@ -317,6 +321,16 @@ def scale(e: Evidence) -> Iterator[Fit]:
         shown = ", ".join(f"{f:.4g}" for f in per_head[:8].tolist()) + (", ..." if len(per_head) > 8 else "")
         yield Fit(f"each head scaled by its own factor ({shown})", "a per-head scale: look for weights scaled per "
                   "head in conversion", e.golden.float() * per_head.float()[None, :, None, None])
+    # One factor per output channel of a linear ([b, s, out], or [b, heads, s, d]: channel (head, d)), fitted
+    # over the tokens: with fewer than _CHANNEL_FIT_TOKENS any tensor would fit.
+    token_axis = _seq_axis(e)
+    if token_axis is not None and g.ndim in (3, 4):
+        tokens = (0, token_axis)
+        if g.shape[0] * g.shape[token_axis] >= _CHANNEL_FIT_TOKENS:
+            per_channel = (g * c).sum(tokens, keepdim=True) / (g * g).sum(tokens, keepdim=True).clamp_min(1e-30)
+            yield Fit("each output channel scaled by its own factor", "per-channel scales misapplied: a quantized "
+                      "weight's per_channel_scale missing, one scale for every channel, or along the wrong axis; or "
+                      "weight rows scaled in conversion", e.golden.float() * per_channel.float())
 
 
 # ---------------------------------------------------------------- order along heads and tokens
@@ -471,11 +485,14 @@ def other_weight(e: Evidence) -> Iterator[Fit]:
         return
     x, own_module = e.known[spec[0]], e.module(spec[1])
     compute = _linear_tap if e.tap in _LINEAR else _norm_tap
-    names = {id(p): n for n, p in e.model.named_parameters()}
-    own_name = names[id(own_module.weight)]
-    others = {n: p for n, p in e.model.named_parameters() if p.shape == own_module.weight.shape and n != own_name}
-    if own_module.weight.ndim == 2 and own_module.weight.shape[0] == own_module.weight.shape[1]:
-        others[own_name + " transposed"] = own_module.weight.T
+    # Each module's weight as it computes with it (a quantized golden's dequantized), by module, not parameter.
+    weights = {f"{path}.weight": module.weight for path, module in e.model.named_modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor)}
+    own_name = next(name for name, module in e.model.named_modules() if module is own_module) + ".weight"
+    own = weights.pop(own_name)
+    others = {name: weight for name, weight in weights.items() if weight.shape == own.shape}
+    if own.ndim == 2 and own.shape[0] == own.shape[1]:
+        others[own_name + " transposed"] = own.T
     candidate_sample = _sample(e, e.candidate, tap=True)
     for name, weight in others.items():
         if _matches(compute(e, _sample(e, x, tap=False), weight.detach()), candidate_sample, e.tolerance):
@@ -556,8 +573,8 @@ def overflow(e: Evidence) -> Iterator[Fit]:
 
 
 HYPOTHESES: dict[str, Hypothesis] = {h.__name__: h for h in (
-    other_tap, rope_layout, rope_positions, rope_theta, attention_mask, scale, head_order, qkv_layout, kv_groups,
-    sequence_order, other_weight, norm_eps, activation, lower_precision, overflow)}
+    other_tap, rope_layout, rope_positions, rope_theta, attention_mask, other_weight, scale, head_order, qkv_layout,
+    kv_groups, sequence_order, norm_eps, activation, lower_precision, overflow)}
 # The hypotheses that explain a candidate of another shape than the golden's; the others need the same shape.
 RESHAPING = {"kv_groups"}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .compare import TOLERANCES, TapResult, first_failure
 from .diagnose import Diagnosis
+from .quantized import BUDGET_MARGIN
 from .locate import LocateReport
 
 
@@ -55,6 +56,10 @@ def to_json(report: LocateReport, model: str) -> dict:
             "layer": report.layer_detail[0], "taps": [_tap(r) for r in report.layer_detail[1]]},
         "first_failure": None if first is None else first.name,
         "diagnosis": _diagnosis(report.diagnosis),
+        "budget": None if check.budget is None else {
+            "margin": BUDGET_MARGIN,
+            "taps": [{"name": b.name, "deviation": _number(b.deviation), "budget": _number(b.budget),
+                      "verdict": b.verdict} for b in check.budget]},
         "candidate_error": check.error,
         "notes": report.notes,
         "passed": report.exit_code == 0,
@@ -82,6 +87,10 @@ def to_markdown(report: LocateReport, model: str) -> str:
                      f"{r.cosine:.6f} | {verdict} |")
     if report.diagnosis is not None:
         lines += ["", report.diagnosis.text().replace("\n  ", "  \n")]  # the hint on a line of its own
+    if check.budget is not None:
+        lines += ["", f"Against full precision (budget: the quantized golden's own deviation + {BUDGET_MARGIN:.0%}, "
+                      "+ the tap's atol):", "", "| tap | deviation | budget | verdict |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| `{b.name}` | {b.deviation:.3e} | {b.budget:.3e} | {b.verdict} |" for b in check.budget]
     lines += [""] + [f"> {note}" for note in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -42,13 +42,19 @@ def _failed_checks(out: str) -> dict[str, str]:
                                               else [pytest.mark.slow]) for bug in BUGS.values()])
 def test_default_locate_catches_each_catalog_bug_at_its_tap(capsys, bug):
     """Exit 1, the catalog's check names the catalog's tap, and exactly the checks bug.shows allows fail."""
-    status, out = locate(capsys, "--inject", bug.name)
+    status, out = locate(capsys, "--inject", bug.name, *_quant(bug))
     assert status == 1
     failed = _failed_checks(out)
     catalog_check = plan_checks(bug.component, None, 2, bug.shape.seq_len, bug.shape.past_len)[0]
     assert failed.get(catalog_check.label) == bug.first_tap, out
     tiny = layout_config("kvheads2")
-    assert set(failed) == {c.label for c in SUITE if bug.shows.allows(c.component, c.shape, tiny)}, out
+    assert set(failed) == {c.label for c in SUITE if bug.shows.allows(c.component, c.shape, tiny, bug.shows.quant)}, \
+        out
+
+
+def _quant(bug) -> list[str]:
+    """The --quant a bug in a quantized layout needs to show."""
+    return ["--quant", bug.shows.quant] if bug.shows.quant else []
 
 
 def _rmsnorm_squaring_in_fp16(x, weights, name, config, dtype):
@@ -71,7 +77,7 @@ def test_whole_model_inputs_hold_rows_where_eps_and_fp16_range_matter(capsys, mo
 
 @pytest.mark.parametrize("bug", BUGS.values(), ids=list(BUGS))
 def test_each_catalog_bug_is_localized(capsys, bug):
-    status, out = locate(capsys, "--component", bug.component, "--inject", bug.name,
+    status, out = locate(capsys, "--component", bug.component, "--inject", bug.name, *_quant(bug),
                          "--past-len", str(bug.shape.past_len), "--seq-len", str(bug.shape.seq_len))
     assert status == 1
     assert f"DIVERGED: first diverging tap {bug.first_tap} " in out

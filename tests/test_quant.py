@@ -6,21 +6,20 @@ passing against the quantized golden (every component, the streamed model, prefi
 fp16) while diverging from full precision.
 """
 
+import json
+
 import pytest
 import torch
 
+from parity.cli import main
 from parity.locate import locate, plan_checks
+from parity.quantized import BUDGET_MARGIN, candidate_weights
 from reference.inputs import CaseShape
-from trt_layers import weights as weight_mapping
+from trt_layers.bugs import BUGS
 from trt_layers.network import OnnxBackend
-from trt_layers.quantization import MODES, QuantizedWeights, dequantized, quantized_golden, symmetric_quantize
+from trt_layers.quantization import MODES, dequantized, quantized_golden, symmetric_quantize
 
 INT8_WO = MODES["int8_wo"]
-
-
-def _quantized_weights(model, mode=INT8_WO):
-    state = model.state_dict()  # the full-precision weights, kept outside quantized_golden
-    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode)
 
 
 def test_symmetric_quantize_is_tensorrt_llms():
@@ -37,7 +36,7 @@ def test_symmetric_quantize_is_tensorrt_llms():
 def test_int8_wo_layout_is_the_checkpoints(reference_model, dtype):
     """weight int8 [in, out], per_channel_scale [out] in the model dtype; the embedding and lm_head stay as they are."""
     model = reference_model("kvheads2", dtype)
-    weights = _quantized_weights(model)()
+    weights = candidate_weights(model, INT8_WO)()
     config = model.config
     qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     layer = "transformer.layers.1."
@@ -61,12 +60,12 @@ CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 def test_int8_wo_port_matches_the_quantized_golden(reference_model, check, dtype):
     model = reference_model("kvheads2", dtype)
     report = locate(check.component, quantized_golden(model, INT8_WO), OnnxBackend(), check.shape,
-                    weights=_quantized_weights(model))
+                    weights=candidate_weights(model, INT8_WO))
     assert report.exit_code == 0, report.text()
 
 
 def test_int8_wo_port_diverges_from_full_precision(tiny_model):
-    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=_quantized_weights(tiny_model))
+    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=candidate_weights(tiny_model, INT8_WO))
     assert report.exit_code == 1 and report.first_failure.name == "gate", report.text()
 
 
@@ -79,3 +78,47 @@ def test_quantized_golden_shares_the_models_weights_and_leaves_it_full_precision
     assert golden.lm_head.weight is tiny_model.lm_head.weight
     after = tiny_model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)
+
+
+QUANT_BUGS = [bug for bug in BUGS.values() if bug.shows.quant is not None]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[check.label.replace(" ", "-") for check in CHECKS])
+@pytest.mark.parametrize("bug", QUANT_BUGS, ids=lambda bug: bug.name)
+def test_quantized_layout_bug_is_caught_where_it_shows(tiny_model, bug, check):
+    """Exit 1 in every check the bug can show in, at the catalog's tap in its own check, diagnosed, beyond budget;
+    a pass elsewhere."""
+    mode = MODES[bug.shows.quant]
+    report = locate(check.component, quantized_golden(tiny_model, mode), OnnxBackend(), check.shape, bug,
+                    weights=candidate_weights(tiny_model, mode), full_precision=tiny_model)
+    shows = bug.shows.allows(check.component, check.shape, tiny_model.config, mode.name)
+    assert report.exit_code == int(shows), report.text()
+    if check.component == bug.component:
+        budget = {b.name: b.verdict for b in report.check.budget}
+        assert report.first_failure.name == bug.first_tap and budget[bug.first_tap] == "beyond budget", report.text()
+        assert report.diagnosis.hypothesis == bug.hypothesis, report.text()
+
+
+def test_quantized_layout_bug_without_quant_is_refused(capsys):
+    assert main(["locate", "--component", "mlp", "--inject", "int8_scale_missing"]) == 2
+    assert "with --quant int8_wo" in capsys.readouterr().err
+
+
+def test_quant_cli_reports_the_budget(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["locate", "--component", "causal_lm", "--quant", "int8_wo", "--past-len", "5", "--json",
+                 str(report), "--markdown", str(tmp_path / "report.md")]) == 0
+    out = capsys.readouterr().out
+    assert "weights quantized: int8_wo (TensorRT-LLM W8A16)" in out and "against full precision (budget" in out
+    budget = json.loads(report.read_text())["budget"]
+    assert budget["margin"] == BUDGET_MARGIN and {b["verdict"] for b in budget["taps"]} == {
+        "matches the quantized golden"}
+    assert [b["name"] for b in budget["taps"]][:2] == ["embed", "layer_0.present_k"]
+    assert "| `layer_1.out` |" in (tmp_path / "report.md").read_text()
+
+
+def test_quant_with_an_external_candidate_is_bad_usage(tmp_path, capsys):
+    graph = tmp_path / "port.onnx"
+    graph.write_bytes(b"")
+    assert main(["locate", "--candidate", str(graph), "--quant", "int8_wo"]) == 2
+    assert "--quant quantizes the trt_layers port's weights" in capsys.readouterr().err

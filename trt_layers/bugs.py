@@ -37,11 +37,12 @@ class Shows:
     grouped_kv: bool = False  # 1 < KV heads < heads: MHA repeats nothing, MQA's one head tiles as it repeats
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
+    quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant that mode
     why: str = ""  # why it shows nowhere else, where that is not plain
 
-    def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig) -> bool:
+    def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None) -> bool:
         kv_heads = config.num_key_value_heads
-        return (component in self.components and shape.seq_len >= self.min_seq_len
+        return (component in self.components and shape.seq_len >= self.min_seq_len and self.quant in (None, quant)
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
                 and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
                 and all(getattr(config, key) != value for key, value in self.harmless_with))
@@ -53,6 +54,7 @@ class Shows:
         needs += [f"--past-len + --seq-len >= {self.min_positions}"] if self.min_positions > 1 else []
         needs += ["grouped KV heads (1 < --kv-heads < heads)"] if self.grouped_kv else []
         needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
+        needs += [f"--quant {self.quant}"] if self.quant else []
         where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
         return f"{where} ({self.why})" if self.why else where
 
@@ -140,6 +142,20 @@ def _tied_lm_head(original):
     return to_trtllm
 
 
+def _first_channel_scale(original):
+    def dequantize_weight(q, scale, dtype):
+        # One scale for the tensor, the first output channel's, where the checkpoint stores one per channel.
+        first = F.split(scale, [1, scale.shape[0] - 1], 0)[0]  # [1]
+        return F.dequantize(q, first, 1, str(dtype).removeprefix("torch.")).transpose(0, 1)
+    return dequantize_weight
+
+
+def _scale_dropped(original):
+    def dequantize_weight(q, scale, dtype):
+        return F.cast(q, str(dtype).removeprefix("torch.")).transpose(0, 1)  # the int8 values, never scaled
+    return dequantize_weight
+
+
 _DECODE = CaseShape(batch=2, seq_len=7, past_len=5)
 _ROPE = ("rope", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")  # checks that rotate q and k
 _REPEAT_KV = ("repeat_kv", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")
@@ -180,6 +196,13 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         "trt_layers.weights:HF_TO_TRTLLM",
         _swapped("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
         "decoder_layer", "input_norm", Shows(("rmsnorm", *_LAYER)), hypothesis="other_weight"),
+    # Quantized layouts misread (--quant): the first linear each check runs is q (attention) or gate (MLP).
+    Bug("int8_scale_per_tensor", "int8_wo weights dequantized with one scale, the first output channel's, where the "
+        "checkpoint stores one per channel", "trt_layers.quantization:dequantize_weight", _first_channel_scale,
+        "mlp", "gate", Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="int8_wo"), hypothesis="scale"),
+    Bug("int8_scale_missing", "int8_wo weights used as their int8 values, per_channel_scale never applied",
+        "trt_layers.quantization:dequantize_weight", _scale_dropped, "mlp", "gate",
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="int8_wo"), hypothesis="scale"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
         hypothesis="other_weight"),

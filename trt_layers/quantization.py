@@ -109,15 +109,20 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
 
 
 def read_quantized(weights: QuantizedWeights, name: str, dtype: torch.dtype):
-    """The network's [out, in] weight ``name`` from its stored int8 values and scales (named as the
-    checkpoint names them, so an engine refits them), as weight_only_quant_matmul dequantizes them."""
+    """The network's [out, in] weight ``name`` from its stored int8 values and scales, constants named as the
+    checkpoint names them (so an engine refits them)."""
     q = F.constant(F.torch_to_numpy(weights[name].contiguous()))  # [in, out] int8
     q.name = name
     scale_name = name.removesuffix(".weight") + ".per_channel_scale"
     scale = F.constant(F.torch_to_numpy(weights[scale_name].to(dtype).contiguous()))  # [out]
     scale.name = scale_name
-    dtype_name = str(dtype).removeprefix("torch.")
-    return F.dequantize(q, scale, 1, dtype_name).transpose(0, 1)  # [out, in]
+    return dequantize_weight(q, scale, dtype)
+
+
+def dequantize_weight(q, scale, dtype: torch.dtype):
+    """int8 [in, out] times each output channel's scale, as weight_only_quant_matmul dequantizes without its
+    plugin, in the model dtype; transposed to Linear's [out, in]."""
+    return F.dequantize(q, scale, 1, str(dtype).removeprefix("torch.")).transpose(0, 1)
 
 
 class _Dequantized(nn.Module):
