@@ -58,8 +58,8 @@ def to_json(report: LocateReport, model: str) -> dict:
         "diagnosis": _diagnosis(report.diagnosis),
         "budget": None if check.budget is None else {
             "margin": BUDGET_MARGIN,
-            "taps": [{"name": b.name, "deviation": _number(b.deviation), "budget": _number(b.budget),
-                      "verdict": b.verdict} for b in check.budget]},
+            "taps": [{"name": b.name, "deviation": _number(b.deviation), "quantized_golden_deviation": _number(b.own),
+                      "budget_used": _number(b.used), "verdict": b.verdict} for b in check.budget]},
         "candidate_error": check.error,
         "notes": report.notes,
         "passed": report.exit_code == 0,
@@ -89,8 +89,11 @@ def to_markdown(report: LocateReport, model: str) -> str:
         lines += ["", report.diagnosis.text().replace("\n  ", "  \n")]  # the hint on a line of its own
     if check.budget is not None:
         lines += ["", f"Against full precision (budget: the quantized golden's own deviation + {BUDGET_MARGIN:.0%}, "
-                      "+ the tap's atol):", "", "| tap | deviation | budget | verdict |", "| --- | ---: | ---: | --- |"]
-        lines += [f"| `{b.name}` | {b.deviation:.3e} | {b.budget:.3e} | {b.verdict} |" for b in check.budget]
+                      "+ the atol, element by element):", "",
+                  "| tap | deviation | quantized golden's | budget used | verdict |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        lines += [f"| `{b.name}` | {b.deviation:.3e} | {b.own:.3e} | {b.used:.2f} | {b.verdict} |"
+                  for b in check.budget]
     lines += [""] + [f"> {note}" for note in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 
