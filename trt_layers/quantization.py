@@ -47,24 +47,29 @@ MODES = {mode.name: mode for mode in [
 ]}
 
 
+def _quantized_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """symmetric_quantize's values in Linear's layout: (q int8 [out, in], scale [out] in fp32)."""
+    w = weight.detach().float()  # [out, in]
+    scale = w.abs().amax(1) / 2 ** (bits - 1)  # [out]
+    scaled = w / torch.where(scale != 0, scale, 1.0)[:, None]  # a zero row stays 0
+    rounded = scaled.abs().add_(0.5).floor_().copysign_(scaled)  # C's round: half away from zero
+    return rounded.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8), scale
+
+
 def symmetric_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear's weight [out, in] as TensorRT-LLM's converter quantizes it, before the plugin's
     preprocessing (cutlass_preprocessors.cpp, symmetric_quantize): per output channel, in fp32,
     scale = max |w| / 2^(bits-1), stored in the weight's dtype; q = round(w / scale) with C's round
     (half away from zero), clipped to the signed range. Returns (q int8 [in, out], scale [out])."""
-    w = weight.detach().t().float()  # [in, out]
-    scale = w.abs().amax(0) / 2 ** (bits - 1)  # [out]
-    scaled = torch.where(scale != 0, w / scale, 0.0)
-    rounded = scaled.sign() * (scaled.abs() + 0.5).floor()
-    q = rounded.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
-    return q, scale.to(weight.dtype)
+    q, scale = _quantized_rows(weight, bits)
+    return q.t().contiguous(), scale.to(weight.dtype)
 
 
 def dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """What the port computes with for ``weight`` [out, in]: its quantized values times their scale,
-    in the weight's dtype (the golden's weight for a quantized check)."""
-    q, scale = symmetric_quantize(weight, bits)
-    return (q.to(weight.dtype) * scale).t()
+    """What the port computes with for ``weight`` [out, in]: its quantized values times their scale (stored in
+    the weight's dtype), in the weight's dtype (the golden's weight for a quantized check)."""
+    q, scale = _quantized_rows(weight, bits)
+    return q.to(weight.dtype) * scale.to(weight.dtype)[:, None]
 
 
 def _is_quantized_linear(name: str) -> bool:
