@@ -537,8 +537,10 @@ def _locate(check, model, backend, bug, num_layers: int, quant: QuantMode | None
     the port's weights are stored quantized and the golden is the quantized one, ``model`` the full precision."""
     try:
         if quant is not None:
-            return locate(check.component, quantized_golden(model, quant), backend, check.shape, bug,
-                          progress=_progress, weights=candidate_weights(model, quant), full_precision=model)
+            report = locate(check.component, quantized_golden(model, quant), backend, check.shape, bug,
+                            progress=_progress, weights=candidate_weights(model, quant), full_precision=model)
+            report.quant = quant.name
+            return report
         return locate(check.component, model, backend, check.shape, bug, progress=_progress)
     except CandidateError as failure:
         return LocateReport(CheckResult.candidate_failed(check.component, backend.description, model.lm_head.weight.dtype,
@@ -595,8 +597,8 @@ def locate_command(args: argparse.Namespace) -> int:
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else "")
           + (f", weights quantized: {quant.name} (TensorRT-LLM {quant.quant_algo})" if quant else ""))
     if quant:
-        print(f"golden:    quantized: the reference computing with the {quant.name} weights (verdicts, exit status); "
-              "full precision for the budget")
+        print(f"quantized: the golden computes with the {quant.name} weights (verdicts, exit status); full "
+              "precision sets the budget")
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "
           f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
@@ -610,7 +612,7 @@ def locate_command(args: argparse.Namespace) -> int:
         write_markdown(reports[0], args.model, args.markdown)
     if args.plot:
         write_plot(reports[0], args.model, args.plot)
-    print(f"\n{summary(checks, reports, args.dtype)} ({time.perf_counter() - started:.1f} s)")
+    print(f"\n{summary(checks, reports, args.dtype, args.quant)} ({time.perf_counter() - started:.1f} s)")
     return max(report.exit_code for report in reports)
 
 
@@ -684,7 +686,8 @@ def build_command(args: argparse.Namespace) -> int:
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
-        print(f"{'':<24} shows in {bug.shows.describe()}; diagnosed as {bug.hypothesis}")
+        print(f"{'':<24} shows in {bug.shows.describe()}; diagnosed at its first tap in {bug.component} as "
+              f"{bug.hypothesis}")
     return 0
 
 

@@ -128,6 +128,9 @@ def refuse_unshowable(bug: Bug, checks: list[Check], config: DeciCoderConfig, qu
     message = (f"--inject {bug.name} cannot show in {ran} (--seq-len {checks[0].shape.seq_len}, --past-len {past_len}, "
                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, rms_norm_eps "
                f"{config.rms_norm_eps:g}): it shows in {bug.shows.describe()}")
+    if bug.shows.quant is not None and quant is None:
+        raise ValueError(f"--inject {bug.name} misreads the {bug.shows.quant} weight layout: it shows only in "
+                         f"locate --quant {bug.shows.quant}, in {bug.shows.describe()}")
     if bug.shows.allows(bug.component, bug.shape, config, bug.shows.quant):
         message += f", e.g. --component {bug.component} --seq-len {bug.shape.seq_len} --past-len {bug.shape.past_len}"
         message += f" --quant {bug.shows.quant}" if bug.shows.quant else ""
@@ -167,6 +170,7 @@ class LocateReport:
     layer_detail: tuple[int, list[TapResult]] | None = None  # causal_lm: the first diverging layer, every tap
     bug: str | None = None
     notes: list[str] = field(default_factory=list)
+    quant: str | None = None  # the quantization mode of the port's weights (the golden then the quantized one)
 
     @property
     def first_failure(self) -> TapResult | None:
@@ -208,25 +212,29 @@ class LocateReport:
         return "\n".join(lines)
 
 
-def summary(checks: list[Check], reports: list[LocateReport], dtype: str) -> str:
+def summary(checks: list[Check], reports: list[LocateReport], dtype: str, quant: str | None = None) -> str:
     """The last lines of a locate run: each check's verdict (when several ran), then PASSED or DIVERGED."""
     failed = [(check, report) for check, report in zip(checks, reports) if report.exit_code]
     taps = sum(len(report.check.results) for report in reports)
     if len(checks) == 1:
         if not failed:
-            return f"PASSED: {taps} taps of {checks[0].label} within {dtype} tolerance"
+            return f"PASSED: {taps} taps of {checks[0].label} within {dtype} tolerance{_of_golden(quant)}"
         if reports[0].check.error is not None:
             return f"DIVERGED: {checks[0].label}: {reports[0].check.error}"
         return f"DIVERGED: first diverging tap {reports[0].verdict().removeprefix('FAIL at ')}"
     width = max(len(check.label) for check in checks)
     lines = [f"  {check.label:<{width}}  {report.verdict()}" for check, report in zip(checks, reports)]
     if not failed:
-        lines.append(f"PASSED: {len(checks)} checks, {taps} taps within {dtype} tolerance")
+        lines.append(f"PASSED: {len(checks)} checks, {taps} taps within {dtype} tolerance{_of_golden(quant)}")
     else:
         first_check, first_report = failed[0]
         lines.append(f"DIVERGED: {len(failed)} of {len(checks)} checks; first: {first_check.label} "
                      f"{first_report.verdict().removeprefix('FAIL ')}")
     return "\n".join(lines)
+
+
+def _of_golden(quant: str | None) -> str:
+    return f" of the {quant} quantized golden" if quant else ""
 
 
 def _bug_context(bug: Bug | None):

@@ -81,8 +81,9 @@ def unquantized_budgets(results: list[TapResult]) -> list[TapBudget]:
 def format_budgets(budgets: list[TapBudget]) -> str:
     header = f"{'tap':<24} {'deviation':>10} {'quantized':>10} {'budget used':>12}  verdict"
     lines = [f"against full precision (max |x - full precision| of the candidate and of the quantized golden; budget: "
-             f"the quantized golden's own deviation + {BUDGET_MARGIN:.0%}, + the atol, element by element)", header,
-             "-" * len(header)]
-    lines += [f"{b.name:<24} {b.deviation:>10.3e} {b.own:>10.3e} {'-' if math.isnan(b.used) else f'{b.used:.2f}':>12}  "
+             f"the quantized golden's own deviation + {BUDGET_MARGIN:.0%}, + the atol, element by element; "
+             "budget used -: a tap of the streamed model's embedding or head, which the mode leaves in full "
+             "precision, judged at the tolerance)", header, "-" * len(header)]
+    lines += [f"{b.name:<24} {b.deviation:>10.3e} {b.own:>10.3e} {'-' if math.isnan(b.used) else f'{b.used:.3g}':>12}  "
               f"{b.verdict}" for b in budgets]
     return "\n".join(lines)

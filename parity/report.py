@@ -31,6 +31,12 @@ def _diagnosis(diagnosis: Diagnosis | None) -> dict | None:
             "hint": diagnosis.hint, "residual_max_abs": _number(diagnosis.residual)}
 
 
+def _golden(report: LocateReport) -> str:
+    if report.quant is None:
+        return "reference (torch, cpu)"
+    return f"reference (torch, cpu) computing with the {report.quant} weights; full precision sets the budget"
+
+
 def _verdict(report: LocateReport) -> str:
     return "PASSED" if report.exit_code == 0 else "DIVERGED"
 
@@ -42,7 +48,8 @@ def to_json(report: LocateReport, model: str) -> dict:
         "component": check.component,
         "model": model,
         "candidate": check.backend,
-        "golden": "reference (torch, cpu)",
+        "golden": _golden(report),
+        "quant": report.quant,
         "dtype": str(check.dtype).removeprefix("torch."),
         "shape": {"batch": check.shape.batch, "seq_len": check.shape.seq_len, "past_len": check.shape.past_len,
                   "seed": check.shape.seed},
@@ -75,7 +82,7 @@ def to_markdown(report: LocateReport, model: str) -> str:
     lines = [f"# {check.component}: {_verdict(report)}", "",
              f"- model: `{model}`, {str(check.dtype).removeprefix('torch.')}, batch {check.shape.batch}, "
              f"seq {check.shape.seq_len}, past {check.shape.past_len}, seed {check.shape.seed}",
-             f"- candidate: {check.backend}; golden: reference (torch, cpu)"]
+             f"- candidate: {check.backend}; golden: {_golden(report)}"]
     if report.bug:
         lines.append(f"- injected bug: `{report.bug}`")
     if check.error:
