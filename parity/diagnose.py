@@ -323,14 +323,22 @@ def scale(e: Evidence) -> Iterator[Fit]:
                   "head in conversion", e.golden.float() * per_head.float()[None, :, None, None])
     # One factor per output channel of a linear ([b, s, out], or [b, heads, s, d]: channel (head, d)), fitted
     # over the tokens: with fewer than _CHANNEL_FIT_TOKENS any tensor would fit.
+    if (per_channel := _per_channel(e, e.golden)) is not None:
+        yield Fit("each output channel scaled by its own factor", "per-channel scales misapplied: a quantized "
+                  "weight's per_channel_scale missing, one scale for every channel, or along the wrong axis; or "
+                  "weight rows scaled in conversion", per_channel)
+
+
+def _per_channel(e: Evidence, g: torch.Tensor) -> torch.Tensor | None:
+    """``g`` times one factor per output channel of a linear ([b, s, out], or [b, heads, s, d]: channel (head, d)),
+    least squares against the candidate over the tokens; None with fewer than _CHANNEL_FIT_TOKENS tokens, where
+    any tensor would fit."""
     token_axis = _seq_axis(e)
-    if token_axis is not None and g.ndim in (3, 4):
-        tokens = (0, token_axis)
-        if g.shape[0] * g.shape[token_axis] >= _CHANNEL_FIT_TOKENS:
-            per_channel = (g * c).sum(tokens, keepdim=True) / (g * g).sum(tokens, keepdim=True).clamp_min(1e-30)
-            yield Fit("each output channel scaled by its own factor", "per-channel scales misapplied: a quantized "
-                      "weight's per_channel_scale missing, one scale for every channel, or along the wrong axis; or "
-                      "weight rows scaled in conversion", e.golden.float() * per_channel.float())
+    if token_axis is None or g.ndim not in (3, 4) or g.shape[0] * g.shape[token_axis] < _CHANNEL_FIT_TOKENS:
+        return None
+    g, c, tokens = g.double(), e.candidate.double(), (0, token_axis)
+    factor = (g * c).sum(tokens, keepdim=True) / (g * g).sum(tokens, keepdim=True).clamp_min(1e-30)
+    return (g * factor).float()
 
 
 # ---------------------------------------------------------------- order along heads and tokens
@@ -397,6 +405,20 @@ def qkv_layout(e: Evidence) -> Iterator[Fit]:
         yield Fit(f"heads taken across the fused QKV: ({shown})", "TensorRT-LLM's LLaMA fuses QKV as [all q heads; "
                   "all k heads; all v heads]; the port reads another layout (per head q_h, k_h, v_h, as GPT-NeoX)",
                   pool[:, sources])
+
+
+def channel_pairs(e: Evidence) -> Iterator[Fit]:
+    """The tap's channels (its last axis) exchanged in adjacent pairs: output channels read two at a time in the
+    wrong order."""
+    if not e.golden.ndim or e.golden.shape[-1] % 2:
+        return
+    hint = ("an INT4 checkpoint packs two output channels a byte, the even one in the low nibble (ModelOpt's export; "
+            "TensorRT's INT4 constants likewise): the port reads the high nibble first")
+    swapped = e.golden.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    yield Fit("adjacent channels exchanged in pairs (0<->1, 2<->3, ...)", hint, swapped)
+    if (rescaled := _per_channel(e, swapped)) is not None:  # the values exchanged, each channel's scale kept
+        yield Fit("adjacent channels' values exchanged in pairs (0<->1, 2<->3, ...), each channel keeping its own "
+                  "scale", hint, rescaled)
 
 
 def kv_groups(e: Evidence) -> Iterator[Fit]:
@@ -574,7 +596,7 @@ def overflow(e: Evidence) -> Iterator[Fit]:
 
 HYPOTHESES: dict[str, Hypothesis] = {h.__name__: h for h in (
     other_tap, rope_layout, rope_positions, rope_theta, attention_mask, other_weight, scale, head_order, qkv_layout,
-    kv_groups, sequence_order, norm_eps, activation, lower_precision, overflow)}
+    channel_pairs, kv_groups, sequence_order, norm_eps, activation, lower_precision, overflow)}
 # The hypotheses that explain a candidate of another shape than the golden's; the others need the same shape.
 RESHAPING = {"kv_groups"}
 

@@ -525,7 +525,23 @@ TABLE = torch.randn(10, 4, generator=torch.Generator().manual_seed(10))  # [voca
 INT8_WEIGHT = torch.randint(-128, 128, (6, 5), generator=torch.Generator().manual_seed(6), dtype=torch.int8)
 CHANNEL_SCALE = torch.rand(5, generator=torch.Generator().manual_seed(7)).half()  # [out]
 
+# An int4_wo weight [in 256, out 6], two groups of 128 along in, packed as TensorRT's INT4 constants: two a byte,
+# low nibble first, row-major.
+INT4_WEIGHT = torch.randint(-8, 8, (256, 6), generator=torch.Generator().manual_seed(8), dtype=torch.int8)
+GROUP_SCALE = torch.rand(2, 6, generator=torch.Generator().manual_seed(9)).half()  # [groups, out]
+
+
+def _int4_weight() -> L.Tensor:
+    return L.constant(L.pack_int4(INT4_WEIGHT.numpy()), as_dtype=L.int4, as_shape=(256, 6))
+
+
 SOURCE: list[Case] = [
+    Case("quantization/functional.py:dequantize (an INT4 weight constant [in, out], fp16 scales per group of 128 "
+         "inputs: TensorRT's blocked dequantize along axis 0)",
+         lambda: {"x": randn(256, 6, dtype=torch.float16)},
+         lambda i: {"output": i["x"] * L.dequantize(_int4_weight(), const(GROUP_SCALE.numpy()), 0, "float16")},
+         lambda x: {"output": x * (INT4_WEIGHT.half() * GROUP_SCALE.repeat_interleave(128, 0))}, EXACT,
+         static=("x:0", "x:1")),
     Case("quantization/functional.py:dequantize (a weight-only linear's int8 [in, out] weight, fp16 scale per "
          "output channel, as weight_only_quant_matmul reads it without its plugin)",
          lambda: {"w": INT8_WEIGHT}, lambda i: {"output": L.dequantize(i["w"], const(CHANNEL_SCALE.numpy()), 1,
@@ -675,6 +691,14 @@ REFUSED: list[Refusal] = [
             lambda i: L.quantize(i["x"], const(np.ones((2, 3), np.float32)), "int8"), NotImplementedError, "blocked"),
     Refusal("dequantize: a float input", F32, lambda i: L.dequantize(i["x"], const(np.float32(0.5))),
             NotImplementedError, "float32"),
+    Refusal("dequantize: TensorRT takes INT4 input only from a constant", {"q": ("int4", (256, 6))},
+            lambda i: L.dequantize(i["q"], const(GROUP_SCALE.numpy()), 0), TypeError, "only from a constant"),
+    Refusal("dequantize: a blocked scale whose rows do not tile the input's", F32,
+            lambda i: L.dequantize(_int4_weight(), const(np.ones((3, 6), np.float16)), 0), ValueError, "tile"),
+    Refusal("cast: TensorRT reads INT4 weights only through dequantize", F32,
+            lambda i: L.cast(_int4_weight(), "float16"), TypeError, "only through dequantize"),
+    Refusal("constant: as_dtype other than INT4 (fp8, fp4 packed weights) is not mirrored", F32,
+            lambda i: L.constant(np.zeros(4, np.int8), as_dtype="fp8", as_shape=(4,)), NotImplementedError, "fp8"),
     Refusal("concat: TensorRT-LLM promotes Python ints, not int32 Tensors; the layer takes one dtype", I32,
             lambda i: L.concat([L.shape(i["x"], 0), i["n"]]), TypeError, "dtypes"),
     Refusal("concat: a float beside ints is an fp32 constant", I32, lambda i: L.concat([i["n"], 1.5]), TypeError,

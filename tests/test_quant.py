@@ -1,9 +1,10 @@
 """Quantized ports (trt_layers.quantization): TensorRT-LLM's quantized checkpoint layout, read back through
 dequantize, judged against the quantized golden (the reference computing with the weights the layout stores).
 
-int8_wo so far: the layout's names, shapes, dtypes and values (TensorRT-LLM's symmetric_quantize), the port
-passing against the quantized golden (every component, the streamed model, prefill and decode, fp32 and
-fp16) while diverging from full precision.
+int8_wo and int4_wo: each layout's names, shapes, dtypes and values (TensorRT-LLM's symmetric_quantize,
+ModelOpt's AWQ export), the port passing against the quantized golden (every component, the streamed model,
+prefill and decode, fp32 and fp16, GQA and tiny-variant's layout) while diverging from full precision, and
+each layout's catalog bugs caught at their taps.
 """
 
 import json
@@ -17,9 +18,10 @@ from parity.quantized import BUDGET_MARGIN, candidate_weights
 from reference.inputs import CaseShape
 from trt_layers.bugs import BUGS
 from trt_layers.network import OnnxBackend
-from trt_layers.quantization import MODES, dequantized, quantized_golden, symmetric_quantize
+from trt_layers.quantization import (GROUP_SIZE, MODES, awq_input_scale, awq_quantize, pack_int4, quantized_golden,
+                                     symmetric_quantize, unpack_int4)
 
-INT8_WO = MODES["int8_wo"]
+INT8_WO, INT4_WO = MODES["int8_wo"], MODES["int4_wo"]
 
 
 def test_symmetric_quantize_is_tensorrt_llms():
@@ -29,7 +31,7 @@ def test_symmetric_quantize_is_tensorrt_llms():
     assert scale.tolist() == [1 / 128, 2 / 128] and q.dtype == torch.int8 and q.shape == (4, 2)  # [in, out]
     assert q[:, 0].tolist() == [127, -64, 32, 77]  # 0.6015625 * 128 = 77.0; 1.0 * 128 = 128 clipped to 127
     assert q[:, 1].tolist() == [-128, 0, 0, 1]  # 0.0078125 * 64 = 0.5, rounded away from zero
-    assert torch.equal(dequantized(weight, 8), (q.float() * scale).t())
+    assert torch.equal(INT8_WO.layout.dequantized(weight), (q.float() * scale).t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -52,20 +54,65 @@ def test_int8_wo_layout_is_the_checkpoints(reference_model, dtype):
     assert weights[f"{layer}input_layernorm.weight"].dtype == dtype
 
 
+def test_awq_quantize_is_modelopts():
+    """Each group of 128 inputs: max |w / input scale| / 7, round half to even, clip to [-8, 7]; the input padded
+    with zeros to whole groups; two output channels a byte, the even one in the low nibble."""
+    weight = torch.zeros(2, 130)  # [out 2, in 130]: two groups once padded
+    weight[0, 0], weight[0, 1], weight[0, 2], weight[1, 0], weight[0, 129] = 7.0, 0.5, -1.5, -3.5, 2.0
+    q, scale = awq_quantize(weight, torch.ones(130))
+    assert q.shape == (2, 256) and torch.equal(scale, torch.tensor([[1.0, 2 / 7], [0.5, 0.0]]))
+    assert q[0, :3].tolist() == [7, 0, -2] and q[0, 129] == 7  # 0.5 -> 0 and -1.5 -> -2: half to even
+    assert q[1, 0] == -7 and not q[:, 130:].any()  # -3.5 / 0.5; the padding stays 0
+    q, _ = awq_quantize(weight, torch.full((130,), 0.5))  # the weight scaled up by 1 / input scale first
+    assert q[0, :3].tolist() == [7, 0, -2]  # the same values: each group's scale doubles with it
+    packed = pack_int4(torch.tensor([[-8, 7], [3, -1]], dtype=torch.int8))  # [out 2, in 2] -> [1, 2]
+    assert packed.view(torch.uint8).tolist() == [[0x38, 0xF7]] and unpack_int4(packed).tolist() == [[-8, 7], [3, -1]]
+
+
+def test_awq_input_scale_is_shared_by_the_fused_qkv():
+    q, k = torch.randn(8, 4), torch.randn(2, 4)
+    assert torch.equal(awq_input_scale([q, k]), awq_input_scale([torch.cat([q, k])]))
+    assert not torch.equal(awq_input_scale([q]), torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_int4_wo_layout_is_the_checkpoints(reference_model, dtype):
+    """weight int8 [out / 2, in padded to 128], weights_scaling_factor [out, groups] and prequant_scaling_factor
+    [in] in the model dtype (tiny's intermediate_size 368 pads to 384: three groups)."""
+    model = reference_model("kvheads2", dtype)
+    weights = candidate_weights(model, INT4_WO)()
+    config = model.config
+    qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    layer = "transformer.layers.1."
+    expected = {"attention.qkv": (qkv_out, 128), "attention.dense": (128, 128), "mlp.fc": (368, 128),
+                "mlp.gate": (368, 128), "mlp.proj": (128, 368)}  # [out, in]
+    for linear, (out_features, in_features) in expected.items():
+        groups = -(-in_features // GROUP_SIZE)
+        stored = {suffix: weights[f"{layer}{linear}.{suffix}"] for suffix in INT4_WO.layout.suffixes}
+        assert {suffix: (t.dtype, tuple(t.shape)) for suffix, t in stored.items()} == {
+            "weight": (torch.int8, (out_features // 2, groups * GROUP_SIZE)),
+            "weights_scaling_factor": (dtype, (out_features, groups)),
+            "prequant_scaling_factor": (dtype, (in_features,))}, linear
+    assert weights["lm_head.weight"].dtype == dtype and f"{layer}mlp.fc.per_channel_scale" not in weights
+
+
 CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", ["kvheads2", "variant"])
 @pytest.mark.parametrize("check", CHECKS, ids=[check.label.replace(" ", "-") for check in CHECKS])
-def test_int8_wo_port_matches_the_quantized_golden(reference_model, check, dtype):
-    model = reference_model("kvheads2", dtype)
-    report = locate(check.component, quantized_golden(model, INT8_WO), OnnxBackend(), check.shape,
-                    weights=candidate_weights(model, INT8_WO))
+@pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
+def test_port_matches_the_quantized_golden(reference_model, mode, check, layout, dtype):
+    model = reference_model(layout, dtype)
+    report = locate(check.component, quantized_golden(model, mode), OnnxBackend(), check.shape,
+                    weights=candidate_weights(model, mode))
     assert report.exit_code == 0, report.text()
 
 
-def test_int8_wo_port_diverges_from_full_precision(tiny_model):
-    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=candidate_weights(tiny_model, INT8_WO))
+@pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
+def test_port_diverges_from_full_precision(tiny_model, mode):
+    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=candidate_weights(tiny_model, mode))
     assert report.exit_code == 1 and report.first_failure.name == "gate", report.text()
 
 
@@ -73,11 +120,22 @@ def test_quantized_golden_shares_the_models_weights_and_leaves_it_full_precision
     before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
     golden = quantized_golden(tiny_model, INT8_WO)
     q_proj = golden.model.layers[0].self_attn.q_proj
-    assert torch.equal(q_proj.weight, dequantized(before["model.layers.0.self_attn.q_proj.weight"], 8))
+    assert torch.equal(q_proj.weight, INT8_WO.layout.dequantized(before["model.layers.0.self_attn.q_proj.weight"]))
     assert q_proj.parametrizations.weight.original is tiny_model.model.layers[0].self_attn.q_proj.weight
     assert golden.lm_head.weight is tiny_model.lm_head.weight
     after = tiny_model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_int4_quantized_golden_scales_each_linears_input(tiny_model):
+    """(x * pre-quant scale) @ dequantized^T, the scale the fused qkv's: q, k and v share it."""
+    attention = tiny_model.model.layers[0].self_attn
+    input_scale = awq_input_scale([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    x = torch.randn(1, 3, tiny_model.config.hidden_size)
+    k_proj = quantized_golden(tiny_model, INT4_WO).model.layers[0].self_attn.k_proj
+    expected = torch.nn.functional.linear(x * input_scale, INT4_WO.layout.dequantized(attention.k_proj.weight,
+                                                                                        input_scale))
+    assert torch.equal(k_proj(x), expected) and not torch.allclose(k_proj(x), attention.k_proj(x), atol=1e-2)
 
 
 QUANT_BUGS = [bug for bug in BUGS.values() if bug.shows.quant is not None]

@@ -24,6 +24,7 @@ from reference import DeciCoderConfig
 from reference.inputs import CaseShape
 
 from . import functional as F
+from .quantization import GROUP_SIZE
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Shows:
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
     quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant that mode
+    many_groups: bool = False  # int4_wo: the MLP's down projection spans several groups (intermediate_size > 128)
     why: str = ""  # why it shows nowhere else, where that is not plain
 
     def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None) -> bool:
@@ -45,6 +47,7 @@ class Shows:
         return (component in self.components and shape.seq_len >= self.min_seq_len and self.quant in (None, quant)
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
                 and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
+                and (not self.many_groups or config.intermediate_size > GROUP_SIZE)
                 and all(getattr(config, key) != value for key, value in self.harmless_with))
 
     def describe(self) -> str:
@@ -54,6 +57,7 @@ class Shows:
         needs += [f"--past-len + --seq-len >= {self.min_positions}"] if self.min_positions > 1 else []
         needs += ["grouped KV heads (1 < --kv-heads < heads)"] if self.grouped_kv else []
         needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
+        needs += [f"intermediate_size > {GROUP_SIZE} (several INT4 groups)"] if self.many_groups else []
         needs += [f"--quant {self.quant}"] if self.quant else []
         where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
         return f"{where} ({self.why})" if self.why else where
@@ -69,7 +73,8 @@ class Bug:
     first_tap: str  # where that check must report the first divergence
     shows: Shows  # every check that can catch it
     shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case of ``component`` that exposes it (GQA, 2 KV heads)
-    hypothesis: str = field(kw_only=True)  # the parity.diagnose hypothesis that must explain it at first_tap
+    # The parity.diagnose hypothesis that must explain it at first_tap ("no_known_pattern" where none does).
+    hypothesis: str = field(kw_only=True)
 
     @contextlib.contextmanager
     def injected(self) -> Iterator[None]:
@@ -150,6 +155,18 @@ def _first_channel_scale(original):
     return dequantize_weight
 
 
+def _nibbles_swapped(original):
+    def int4_engine_weight(packed):
+        return original((packed << 4) | ((packed >> 4) & 0x0F))  # each byte's high nibble read first
+    return int4_engine_weight
+
+
+def _scales_reshaped(original):
+    def group_scales_engine(scale):
+        return scale.reshape(scale.shape[1], scale.shape[0])  # [out, groups] reshaped where it needs a transpose
+    return group_scales_engine
+
+
 def _scale_dropped(original):
     def dequantize_weight(q, scale, dtype):
         return F.cast(q, str(dtype).removeprefix("torch.")).transpose(0, 1)  # the int8 values, never scaled
@@ -203,6 +220,15 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("int8_scale_missing", "int8_wo weights used as their int8 values, per_channel_scale never applied",
         "trt_layers.quantization:dequantize_weight", _scale_dropped, "mlp", "gate",
         Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="int8_wo"), hypothesis="scale"),
+    Bug("int4_nibbles_swapped", "int4_wo weights unpacked high nibble first, where the checkpoint packs the even "
+        "output channel in the low one", "trt_layers.quantization:int4_engine_weight", _nibbles_swapped, "mlp",
+        "gate", Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="int4_wo"), hypothesis="channel_pairs"),
+    Bug("int4_scales_reshaped", "int4_wo group scales [out, groups] reshaped to [groups, out] where they need a "
+        "transpose: the scales land on the wrong groups and channels", "trt_layers.quantization:group_scales_engine",
+        _scales_reshaped, "mlp", "down", Shows(("mlp", *_LAYER), many_groups=True, quant="int4_wo",
+                                               why="with one group a linear's [out, 1] reshapes as it transposes: "
+                                                   "tiny's attention and gate/up take 128 inputs, one group"),
+        hypothesis="no_known_pattern"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
         hypothesis="other_weight"),

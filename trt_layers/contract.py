@@ -140,6 +140,7 @@ API: dict[str, Api] = dict([
     ("tensorrt.IBuilderConfig.clear_flag", Api(TENSORRT, "(flag)")),
     ("tensorrt.BuilderFlag.TF32", Api(TENSORRT)),
     ("tensorrt.__version__", Api(TENSORRT)),
+    ("tensorrt.int4", Api(TENSORRT)),  # DataType.INT4 (TensorRT 10): INT4 weights for IDequantizeLayer
     # the fast path: checkpoint, BuildConfig + PluginConfig, build, engine, runner
     _class(BUILDER, "tensorrt_llm.builder.BuildConfig",
            "(max_input_len=1024, max_seq_len=None, opt_batch_size=8, max_batch_size=2048, max_beam_width=1,"

@@ -44,6 +44,7 @@ VOCABULARY = {
     "quantize": "tensorrt_llm.quantization.functional",
     "dequantize": "tensorrt_llm.quantization.functional",
     "torch_to_numpy": "tensorrt_llm._utils",
+    "int4": "tensorrt",  # the DataType of packed INT4 weights (constant(as_dtype=int4))
 }
 
 _active: SimpleNamespace | None = None

@@ -35,11 +35,13 @@ DTYPES = {
     "int64": (TensorProto.INT64, np.int64),
     "int32": (TensorProto.INT32, np.int32),
     "int8": (TensorProto.INT8, np.int8),
+    "int4": (TensorProto.INT4, ml_dtypes.int4),  # one value a byte in numpy; packed two a byte in ONNX and TensorRT
     "bool": (TensorProto.BOOL, np.bool_),
 }
+int4 = "int4"  # tensorrt.int4, the DataType constant(as_dtype=) takes for packed INT4 weights
 _NUMPY_TO_DTYPE = {np.dtype(np_type): name for name, (_, np_type) in DTYPES.items()}
-# Constants that to_onnx can turn into fed weights: floats, and int8 (weights stored quantized).
-_WEIGHT_DTYPES = ("float32", "float16", "int8")
+# Constants that to_onnx can turn into fed weights: floats, and int8 and int4 (weights stored quantized).
+_WEIGHT_DTYPES = ("float32", "float16", "int8", "int4")
 _FLOATS = ("float32", "float16", "bfloat16")
 
 
@@ -119,12 +121,15 @@ class Network:
     def refit(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Give the constants ``weights`` names new values, as TensorRT's Refitter does, and recompute
         the constants folded from them; returns every constant that changed."""
+        arrays = {}
         for name, array in weights.items():
             old = self.constants.get(name)
+            if old is not None and old.dtype == ml_dtypes.int4 and array.dtype in (np.int8, np.uint8):
+                array = unpack_int4(array, old.shape)  # TensorRT refits INT4 weights as their packed bytes too
             if old is None or old.shape != array.shape or old.dtype != array.dtype:
                 found = "no such weight" if old is None else f"the engine's is {old.dtype} {list(old.shape)}"
                 raise ValueError(f"refit: {name} {array.dtype} {list(array.shape)}: {found}")
-        arrays = dict(weights)
+            arrays[name] = array
         for name, (source, compute) in self.folds.items():  # in build order: a fold of a fold comes after
             if source in arrays:
                 arrays[name] = compute(arrays[source])
@@ -539,10 +544,32 @@ def modulo(x: Tensor, y) -> Tensor:
 # ---------------------------------------------------------------- the vocabulary
 
 def constant(ndarray: np.ndarray, as_dtype=None, as_shape=None) -> Tensor:
-    """Mirrors functional.constant (IConstantLayer)."""
-    if as_dtype is not None or as_shape is not None:
-        raise NotImplementedError("constant(as_dtype=, as_shape=) is not mirrored")
-    return default_net().add_constant(ndarray)
+    """Mirrors functional.constant (IConstantLayer). ``as_dtype=int4`` with ``as_shape``: ``ndarray``'s bytes are
+    INT4 values packed two a byte, low nibble first, in row-major order (trt.Weights of INT4)."""
+    if as_dtype is None and as_shape is None:
+        return default_net().add_constant(ndarray)
+    if as_dtype != int4 or as_shape is None:
+        raise NotImplementedError(f"constant(as_dtype={as_dtype!r}, as_shape={as_shape!r}) is not mirrored "
+                                  "(as_dtype=int4 with as_shape is)")
+    return default_net().add_constant(unpack_int4(ndarray, tuple(as_shape)))
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """INT4 values of ``shape`` from their packed bytes (two a byte, low nibble first), one value a byte."""
+    count = math.prod(shape)
+    if packed.dtype not in (np.int8, np.uint8) or packed.size != (count + 1) // 2:
+        raise ValueError(f"INT4 {list(shape)} needs {(count + 1) // 2} packed int8 bytes, not {packed.dtype} "
+                         f"{list(packed.shape)}")
+    nibbles = np.ascontiguousarray(packed).view(np.uint8).reshape(-1, 1) >> np.array([0, 4], np.uint8) & 0x0F
+    values = (nibbles.astype(np.int8) ^ 8) - 8  # sign-extend
+    return values.reshape(-1)[:count].reshape(shape).astype(ml_dtypes.int4)
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """unpack_int4's inverse: the packed uint8 bytes of INT4 ``values``."""
+    flat = values.astype(np.int8).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(flat.size % 2, np.int8)]).view(np.uint8) & 0x0F
+    return flat[0::2] | flat[1::2] << 4
 
 
 def torch_to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -559,6 +586,8 @@ def cast(input: Tensor, dtype) -> Tensor:
     dtype = _dtype_name(dtype)
     if input.dtype == dtype:
         return input
+    if "int4" in (input.dtype, dtype):
+        raise TypeError(f"cast: {input.dtype} to {dtype}: TensorRT reads INT4 weights only through dequantize")
     if default_net().constant_value(input) is not None:
         return default_net().fold(input, dtype, lambda array: array.astype(_numpy_dtype(dtype)))
     return default_net().add_node("Cast", [input], dtype, input.shape, input.known(), to=DTYPES[dtype][0])
@@ -979,20 +1008,40 @@ def quantize(input: Tensor, scale_factor: Tensor, dtype: str, axis: int = -1) ->
 
 
 def dequantize(input: Tensor, scale_factor: Tensor, axis: int = -1, output_type="float16") -> Tensor:
-    """Mirrors quantization.functional.dequantize (IDequantizeLayer): int8 input times scale, per tensor or
-    per channel along ``axis``, as ``output_type``."""
-    if input.dtype != "int8":
-        raise NotImplementedError(f"dequantize of {input.dtype} is not mirrored (int8 is)")
+    """Mirrors quantization.functional.dequantize (IDequantizeLayer): int8 or int4 input times scale, per tensor
+    or per channel along ``axis``, or (int4 weights, 2-D) in blocks along ``axis``, as ``output_type``."""
+    if input.dtype not in ("int8", "int4"):
+        raise NotImplementedError(f"dequantize of {input.dtype} is not mirrored (int8 and int4 are)")
     output_type = _dtype_name(output_type)
     if output_type not in _FLOATS:
         raise TypeError(f"dequantize: output_type {output_type} is not a float type")
-    channel_axis = _check_scale("dequantize", input, scale_factor, axis)
+    if input.dtype == "int4" and default_net().constant_value(input) is None:
+        raise TypeError("dequantize: TensorRT takes INT4 input only from a constant (weights)")
+    if input.dtype == "int4" and len(scale_factor.shape) == len(input.shape) == 2:
+        attributes = _block("dequantize", input, scale_factor, axis)
+    else:
+        channel_axis = _check_scale("dequantize", input, scale_factor, axis)
+        attributes = {"axis": channel_axis} if channel_axis >= 0 else {}
     if scale_factor.dtype != "float32":
         default_net().require_opset(19)  # DequantizeLinear-19 takes fp16/bf16 scales, and outputs their type
+    if input.dtype == "int4":
+        default_net().require_opset(21)  # INT4 and block_size arrive in opset 21
     # DequantizeLinear multiplies in the scale's type; TensorRT's output_type is a cast of that product.
     scaled = default_net().add_node("DequantizeLinear", [input, scale_factor], scale_factor.dtype, input.shape,
-                                    **({"axis": channel_axis} if channel_axis >= 0 else {}))
+                                    **attributes)
     return cast(scaled, output_type)
+
+
+def _block(op: str, input: Tensor, scale_factor: Tensor, axis: int) -> dict[str, int]:
+    """TensorRT's blocked quantization of 2-D weights: the scale has the input's shape except along ``axis``,
+    where each of its rows covers a block of input rows (the block size is the ratio of the two)."""
+    axis = _resolve_dim(axis, 2, op)
+    other = 1 - axis
+    rows, scale_rows = input.shape[axis], scale_factor.shape[axis]
+    if scale_factor.shape[other] != input.shape[other] or scale_rows < 1 or rows % scale_rows:
+        raise ValueError(f"{op}: a blocked scale {list(scale_factor.shape)} does not tile input "
+                         f"{list(input.shape)} along axis {axis}")
+    return {"axis": axis, "block_size": rows // scale_rows}
 
 
 def rms_norm(input: Tensor, normalized_shape, num_groups: int = 1, weight: Tensor | None = None,

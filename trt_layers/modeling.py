@@ -19,7 +19,7 @@ from reference.inputs import past_names
 from reference.taps import LAYER_TAPS
 
 from . import functional as F
-from .quantization import QuantizedWeights, read_quantized
+from .quantization import QuantizedWeights, quantized_dense
 from .weights import layer_prefix
 
 Taps = dict  # tap name -> Tensor, in execution order
@@ -27,10 +27,7 @@ Weights = dict[str, torch.Tensor]  # TensorRT-LLM names (weights.to_trtllm)
 
 
 def param(weights: Weights, name: str, dtype: torch.dtype):
-    """A weight as a named network constant in the model dtype; one that a quantization mode stores
-    quantized (quantization.QuantizedWeights) is read back through dequantize."""
-    if isinstance(weights, QuantizedWeights) and weights.is_quantized(name):
-        return read_quantized(weights, name, dtype)
+    """A weight as a named network constant in the model dtype."""
     tensor = F.constant(F.torch_to_numpy(weights[name].to(dtype).contiguous()))
     tensor.name = name
     return tensor
@@ -39,6 +36,14 @@ def param(weights: Weights, name: str, dtype: torch.dtype):
 def linear(x, weight):
     """x @ weight^T, weight [out, in] as TensorRT-LLM's Linear stores it."""
     return F.matmul(x, weight, transb=True)
+
+
+def dense(x, weights: Weights, name: str, dtype: torch.dtype):
+    """The linear whose weight is ``name``; one that a quantization mode stores quantized
+    (quantization.QuantizedWeights) computes through its layout's Q/DQ ops."""
+    if isinstance(weights, QuantizedWeights) and weights.is_quantized(name):
+        return quantized_dense(x, weights, name, dtype)
+    return linear(x, param(weights, name, dtype))
 
 
 def split_heads(x, num_heads: int, head_dim: int):
@@ -139,7 +144,7 @@ def attention_probs(scores, mask):
 def attention(hidden_states, position_ids, weights: Weights, prefix: str, config: DeciCoderConfig,
               dtype: torch.dtype, make_mask, past=None) -> Taps:
     heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    qkv = linear(hidden_states, param(weights, f"{prefix}attention.qkv.weight", dtype))  # [b, s, (H + 2 KV) d]
+    qkv = dense(hidden_states, weights, f"{prefix}attention.qkv.weight", dtype)  # [b, s, (H + 2 KV) d]
     q, k, v = F.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=2)
     taps = {"q": split_heads(q, heads, d), "k": split_heads(k, kv_heads, d), "v": split_heads(v, kv_heads, d)}
     rotated = rope(taps["q"], taps["k"], position_ids, config, dtype)
@@ -156,8 +161,7 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
     taps["scores"] = F.matmul(taps["q_rot"] * d**-0.5, taps["k_rep"], transb=True)  # [b, H, s, kv_len]
     taps["probs"] = attention_probs(taps["scores"], make_mask(taps["q_rot"], taps["k_rep"]))
     taps["context"] = F.matmul(taps["probs"], taps["v_rep"])  # [b, H, s, d]
-    taps["out"] = linear(merge_heads(taps["context"], heads * d),
-                         param(weights, f"{prefix}attention.dense.weight", dtype))
+    taps["out"] = dense(merge_heads(taps["context"], heads * d), weights, f"{prefix}attention.dense.weight", dtype)
     return {name: taps[name] for name in COMPONENT_TAPS["gqa_masked"]}
 
 
@@ -174,10 +178,10 @@ def gqa_unmasked_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
 # ---------------------------------------------------------------- mlp, rmsnorm
 
 def mlp(x, weights: Weights, prefix: str, dtype: torch.dtype) -> Taps:
-    gate = linear(x, param(weights, f"{prefix}mlp.fc.weight", dtype))  # TensorRT-LLM's fc: the SiLU branch
-    up = linear(x, param(weights, f"{prefix}mlp.gate.weight", dtype))
+    gate = dense(x, weights, f"{prefix}mlp.fc.weight", dtype)  # TensorRT-LLM's fc: the SiLU branch
+    up = dense(x, weights, f"{prefix}mlp.gate.weight", dtype)
     act = F.silu(gate) * up
-    down = linear(act, param(weights, f"{prefix}mlp.proj.weight", dtype))
+    down = dense(act, weights, f"{prefix}mlp.proj.weight", dtype)
     return {"gate": gate, "up": up, "act": act, "down": down}
 
 
@@ -223,7 +227,7 @@ def embed(input_ids, weights: Weights, dtype):
 
 def head(hidden_states, weights: Weights, config: DeciCoderConfig, dtype) -> Taps:
     final_norm = rmsnorm(hidden_states, weights, "transformer.ln_f.weight", config, dtype)
-    return {"final_norm": final_norm, "logits": linear(final_norm, param(weights, "lm_head.weight", dtype))}
+    return {"final_norm": final_norm, "logits": dense(final_norm, weights, "lm_head.weight", dtype)}
 
 
 def causal_lm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:

@@ -36,6 +36,7 @@ from reference.taps import LAYER_TAPS, component_outputs
 from . import functional as F
 from . import attention_blocks, lowering, onnx_fp16
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
+from .quantization import QuantizedWeights
 from .weights import layer_prefix
 
 TORCH_TO_TRTLLM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -206,6 +207,7 @@ class OnnxEngine(Engine):
                  session: Callable[[onnx.ModelProto], object], fp16: bool):
         super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
         self._network, self._weights, self._lowered, self._session = network, weights, lowered, session
+        self._int4 = _int4_values(weights)
         self._fp16 = fp16  # rounded after each op (onnx_fp16)
         self._at_shapes: tuple[tuple, object | None] = ((), None)  # (feed shapes, their runner or None)
 
@@ -217,7 +219,12 @@ class OnnxEngine(Engine):
 
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         with quiet_polygraphy(), self._runner_for(feed) as runner:
-            outputs = runner.infer({**feed, **self._weights})
+            if self._int4:  # polygraphy's runner feeds numpy arrays only, and numpy has no int4
+                session = runner.sess
+                arrays = session.run(None, {**feed, **self._weights, **self._int4})
+                outputs = OrderedDict(zip([output.name for output in session.get_outputs()], arrays))
+            else:
+                outputs = runner.infer({**feed, **self._weights})
         return OrderedDict((name, array.copy() if array.nbytes < self.COPY_BELOW_BYTES else array)
                            for name, array in outputs.items())
 
@@ -253,6 +260,22 @@ class OnnxEngine(Engine):
         changed = self._network.refit(weights)
         # A weight used only through a fold (a norm weight reshaped) is not an input itself.
         self._weights.update((name, array) for name, array in changed.items() if name in self._weights)
+        self._int4 = _int4_values(self._weights)
+
+
+def _int4_values(weights: dict[str, np.ndarray]) -> dict[str, object]:
+    """The INT4 weights as ONNX Runtime takes them: OrtValues holding their packed bytes."""
+    import ctypes
+
+    import onnxruntime
+
+    values = {}
+    for name, array in weights.items():
+        if array.dtype == ml_dtypes.int4:
+            packed = lowering.pack_int4(array)
+            values[name] = onnxruntime.OrtValue.ortvalue_from_shape_and_type(list(array.shape), onnx.TensorProto.INT4)
+            ctypes.memmove(values[name].data_ptr(), packed.ctypes.data, packed.nbytes)
+    return values
 
 
 class TrtEngine(Engine):
@@ -457,13 +480,16 @@ def refit_layer(engine: Engine, weights: Mapping[str, torch.Tensor], dtype: torc
                 built_for: int = 0) -> None:
     """Give ``engine``, a decoder layer built with layer ``built_for``'s weights, layer ``layer``'s."""
     source, target = layer_prefix(layer), layer_prefix(built_for)
-    engine.refit({target + name.removeprefix(source): lowering.torch_to_numpy(_as_stored(weights[name], dtype))
+    engine.refit({target + name.removeprefix(source): lowering.torch_to_numpy(_engine_array(weights, name, dtype))
                   for name in weights if name.startswith(source)})
 
 
-def _as_stored(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A weight as the network holds it: floats in the model dtype, quantized values as they are."""
-    return (weight.to(dtype) if weight.is_floating_point() else weight).contiguous()
+def _engine_array(weights: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """What the network's constant ``name`` was built from: a quantized layout's view of its stored tensor, or
+    the weight in the model dtype."""
+    if isinstance(weights, QuantizedWeights):
+        return weights.engine_array(name, dtype)
+    return weights[name].to(dtype).contiguous()
 
 
 def build_component(component: str, config: DeciCoderConfig, weights: dict[str, torch.Tensor],

@@ -1,24 +1,37 @@
 """Quantized weight layouts, as TensorRT-LLM 1.2's quantized LLaMA checkpoints store them.
 
 A quantization mode is a weight layout plus the Q/DQ ops that read it back (DESIGN.md): the
-component code is unchanged, and ``modeling.param`` reads a weight that the layout stores
-quantized through ``dequantize``.
+component code is unchanged, and ``modeling.dense`` computes a linear that the layout stores
+quantized through the layout's ``read``, which dequantizes it.
 
-int8_wo (TensorRT-LLM's QuantAlgo.W8A16): each linear of the decoder layers (attention.qkv,
-attention.dense, mlp.fc, mlp.gate, mlp.proj) is stored as ``<linear>.weight``, int8 [in, out],
-and ``<linear>.per_channel_scale``, [out] in the weights' dtype: TensorRT-LLM's converter
-(convert_utils.get_tllm_linear_weight) quantizes ``weight.t()`` with
-symmetric_quantize_last_axis_of_batched_matrix (``symmetric_quantize``). The embedding and
-lm_head stay in full precision (quantize.py's default exclude_modules). The port reads a weight
-as TensorRT-LLM's weight_only_quant_matmul does without its plugin, dequantize(weight, scale,
-axis=1) in the model dtype, transposed back to Linear's [out, in]. The plugin's preprocessed
-(interleaved, GPU-architecture-specific) copy of the same int8 values is not this layout.
+Each linear of the decoder layers (attention.qkv, attention.dense, mlp.fc, mlp.gate, mlp.proj)
+is quantized; the embedding and lm_head stay in full precision (quantize.py's default
+exclude_modules).
+
+int8_wo (QuantAlgo.W8A16): ``<linear>.weight``, int8 [in, out], and ``<linear>.per_channel_scale``,
+[out] in the weights' dtype: TensorRT-LLM's converter (convert_utils.get_tllm_linear_weight)
+quantizes ``weight.t()`` with symmetric_quantize_last_axis_of_batched_matrix (``symmetric_quantize``).
+The port reads a weight as weight_only_quant_matmul does without its plugin, dequantize(weight,
+scale, axis=1) in the model dtype. The plugin's preprocessed (interleaved, GPU-architecture-specific)
+copy of the same int8 values is not this layout.
+
+int4_wo (QuantAlgo.W4A16_AWQ), the checkpoint ModelOpt's AWQ export writes for TensorRT-LLM:
+``<linear>.weight``, int8 [out / 2, in], two int4 values per byte along out (the even output channel
+in the low nibble); ``<linear>.weights_scaling_factor``, [out, in / 128] in the weights' dtype, each
+group's max |w| / 7; ``<linear>.prequant_scaling_factor``, [in] in the weights' dtype, which
+multiplies the activations before the matmul (AWQ scales salient input channels of the weight up by
+its inverse). The port makes the weights a TensorRT INT4 constant [in, out] (constant(as_dtype=int4))
+and reads it with a blocked dequantize along in: the same numbers as TensorRT-LLM's groupwise plugin,
+without the plugin. An input size that is not a multiple of 128 is padded with zero weights to the
+next one, as WeightOnlyGroupwiseQuantLinear pads in_features (weight [out / 2, in padded], scales
+[out, in padded / 128]; the pre-quant scale keeps [in]); the port drops the padded rows after dequantizing.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -28,24 +41,21 @@ from torch.nn.utils import parametrize
 
 from . import functional as F
 
-QUANTIZED_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-# The reference's modules those are (q/k/v each quantize alone: per output channel, fusing changes no scale).
-REFERENCE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj")
+# TensorRT-LLM's quantized linears of a decoder layer, and the reference's modules each is made of.
+QUANTIZED_LINEARS = {
+    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.dense": ("self_attn.o_proj",),
+    "mlp.fc": ("mlp.gate_proj",),
+    "mlp.gate": ("mlp.up_proj",),
+    "mlp.proj": ("mlp.down_proj",),
+}
 
 
-@dataclass(frozen=True)
-class QuantMode:
-    name: str
-    quant_algo: str  # TensorRT-LLM's QuantAlgo
-    bits: int
-    description: str
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-MODES = {mode.name: mode for mode in [
-    QuantMode("int8_wo", "W8A16", 8, "INT8 weights with a scale per output channel; activations in the model dtype"),
-]}
-
+# ---------------------------------------------------------------- int8_wo
 
 def _quantized_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """symmetric_quantize's values in Linear's layout: (q int8 [out, in], scale [out] in fp32)."""
@@ -65,43 +75,180 @@ def symmetric_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
     return q.t().contiguous(), scale.to(weight.dtype)
 
 
-def dequantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """What the port computes with for ``weight`` [out, in]: its quantized values times their scale (stored in
-    the weight's dtype), in the weight's dtype (the golden's weight for a quantized check)."""
-    q, scale = _quantized_rows(weight, bits)
-    return q.to(weight.dtype) * scale.to(weight.dtype)[:, None]
+def dequantize_weight(q, scale, dtype: torch.dtype):
+    """int8 [in, out] times each output channel's scale, as weight_only_quant_matmul dequantizes without its
+    plugin, in the model dtype; transposed to Linear's [out, in]."""
+    return F.dequantize(q, scale, 1, _dtype_name(dtype)).transpose(0, 1)
 
 
-def _is_quantized_linear(name: str) -> bool:
-    """Whether ``name`` is the weight of a linear the layout quantizes (transformer.layers.3.attention.qkv.weight)."""
+class PerChannelInt8:
+    """int8_wo's layout: one scale per output channel."""
+
+    suffixes = ("weight", "per_channel_scale")
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = symmetric_quantize(weight, 8)
+        return {"weight": q, "per_channel_scale": scale}
+
+    def input_scale(self, weights: list[torch.Tensor]) -> None:
+        return None  # activations are not scaled
+
+    def dequantized(self, weight: torch.Tensor, input_scale: None = None) -> torch.Tensor:
+        q, scale = _quantized_rows(weight, 8)
+        return q.to(weight.dtype) * scale.to(weight.dtype)[:, None]
+
+    def engine_array(self, suffix: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return stored if suffix == "weight" else stored.to(dtype)
+
+    def read(self, x, weights: QuantizedWeights, stem: str, dtype: torch.dtype):
+        """x @ W^T, W read back from the int8 values and their scales."""
+        weight = dequantize_weight(weights.constant(f"{stem}.weight", dtype),
+                                   weights.constant(f"{stem}.per_channel_scale", dtype), dtype)
+        return F.matmul(x, weight, transb=True)
+
+
+# ---------------------------------------------------------------- int4_wo
+
+GROUP_SIZE = 128  # ModelOpt's int4_awq block size; TensorRT-LLM's default group_size
+
+
+def _padded(size: int) -> int:
+    return math.ceil(size / GROUP_SIZE) * GROUP_SIZE
+
+
+def awq_input_scale(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The pre-quant scale [in] (fp32) of a linear made of ``weights`` (q, k and v share one input and one scale).
+    AWQ searches it on calibration activations, which a random-weight model has none of; this deterministic
+    stand-in has its form and effect: each input channel's max |w| over their mean, so the weight's columns are
+    equalized before quantization and a port that drops or misplaces the scale is off by up to tens of percent."""
+    column_max = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)  # [in]
+    return (column_max / column_max.mean()).clamp_min(1e-3)
+
+
+def awq_quantize(weight: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight [out, in] as ModelOpt's int4 AWQ export quantizes it (to_quantized_weight): the weight
+    times 1 / input_scale, the input padded with zeros to whole groups of GROUP_SIZE, each group's scale
+    max |w| / 7 in the weight's dtype, q = round(w / scale) (half to even) clipped to [-8, 7], in fp32.
+    Returns (q int8 [out, in padded], scale [out, groups])."""
+    out_features, in_features = weight.shape
+    w = torch.zeros(out_features, _padded(in_features))
+    w[:, :in_features] = weight.detach().float() / input_scale
+    groups = w.view(out_features, -1, GROUP_SIZE)  # [out, groups, GROUP_SIZE]
+    scale = (groups.abs().amax(-1) / 7).to(weight.dtype)  # [out, groups]
+    divisor = torch.where(scale != 0, scale.float(), 1.0)[..., None]  # an all-zero group stays 0
+    q = (groups / divisor).round_().clamp_(-8, 7).to(torch.int8)
+    return q.view(out_features, -1), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [out, in] (int8 in [-8, 7]) packed two per byte along out: [out / 2, in], output channel 2k in
+    the low nibble of row k, 2k + 1 in the high one (ModelOpt's export)."""
+    return ((q[0::2] & 0x0F) | (q[1::2] << 4)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse: [out / 2, in] -> int8 values [out, in], each nibble sign-extended."""
+    low, high = (packed << 4) >> 4, packed >> 4  # arithmetic shifts sign-extend
+    return torch.stack([low, high], dim=1).flatten(0, 1)
+
+
+class GroupwiseInt4:
+    """int4_wo's layout: AWQ, groups of GROUP_SIZE input channels, a pre-quant scale on the activations."""
+
+    suffixes = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+    input_scale = staticmethod(awq_input_scale)
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        prequant = self.input_scale([weight]).to(weight.dtype)  # stored in the weights' dtype, and used as stored
+        q, scale = awq_quantize(weight, prequant.float())
+        return {"weight": pack_int4(q), "weights_scaling_factor": scale, "prequant_scaling_factor": prequant}
+
+    def dequantized(self, weight: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        """The weight [out, in] the port multiplies the scaled activations by, in the weight's dtype."""
+        q, scale = awq_quantize(weight, input_scale.to(weight.dtype).float())
+        return (q.to(weight.dtype) * scale.repeat_interleave(GROUP_SIZE, 1))[:, :weight.shape[1]]
+
+    def engine_array(self, suffix: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What the network's constant holds (TensorRT-LLM's postprocess of the checkpoint tensor)."""
+        if suffix == "weight":
+            return int4_engine_weight(stored)
+        return group_scales_engine(stored) if suffix == "weights_scaling_factor" else stored.to(dtype)
+
+    def read(self, x, weights: QuantizedWeights, stem: str, dtype: torch.dtype):
+        """(x * pre-quant scale) @ W, W [in, out] dequantized from INT4 in blocks of GROUP_SIZE along in."""
+        scale = weights.constant(f"{stem}.weights_scaling_factor", dtype)  # [groups, out]
+        in_padded, out_features = scale.shape[0] * GROUP_SIZE, scale.shape[1]
+        q = weights.constant(f"{stem}.weight", dtype, as_dtype=F.int4, as_shape=(in_padded, out_features))
+        weight = dequantize_groups(q, scale, dtype)  # [in padded, out]
+        in_features = x.shape[-1]
+        if in_features != in_padded:  # drop the zero rows that pad in_features to whole groups
+            weight = F.split(weight, [in_features, in_padded - in_features], dim=0)[0]
+        return F.matmul(x * weights.constant(f"{stem}.prequant_scaling_factor", dtype), weight)
+
+
+def int4_engine_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The packed weight [out / 2, in] transposed, [in, out / 2]: TensorRT packs an INT4 constant's consecutive
+    elements two to a byte, low nibble first, so these bytes are the [in, out] INT4 tensor."""
+    return packed.t().contiguous()
+
+
+def group_scales_engine(scale: torch.Tensor) -> torch.Tensor:
+    """The group scales [out, groups] as the blocked dequantize of an [in, out] weight takes them: [groups, out]."""
+    return scale.t().contiguous()
+
+
+def dequantize_groups(q, scale, dtype: torch.dtype):
+    """INT4 [in, out] times its group's scale [in / GROUP_SIZE, out]: TensorRT's blocked dequantize along in
+    (axis 0), the block size taken from the two shapes."""
+    return F.dequantize(q, scale, 0, _dtype_name(dtype))
+
+
+# ---------------------------------------------------------------- modes
+
+@dataclass(frozen=True)
+class QuantMode:
+    name: str
+    quant_algo: str  # TensorRT-LLM's QuantAlgo
+    description: str
+    layout: PerChannelInt8 | GroupwiseInt4
+
+
+MODES = {mode.name: mode for mode in [
+    QuantMode("int8_wo", "W8A16", "INT8 weights with a scale per output channel; activations in the model dtype",
+              PerChannelInt8()),
+    QuantMode("int4_wo", "W4A16_AWQ", f"INT4 weights with a scale per {GROUP_SIZE} input channels and AWQ's "
+              "pre-quant scale on the activations", GroupwiseInt4()),
+]}
+
+
+def _quantized_stem(name: str) -> str | None:
+    """The linear whose weight ``name`` is, if the layouts quantize it (transformer.layers.3.attention.qkv)."""
     stem = name.removesuffix(".weight")
-    return name != stem and name.startswith("transformer.layers.") and stem.endswith(
+    quantized = name != stem and name.startswith("transformer.layers.") and stem.endswith(
         tuple("." + linear for linear in QUANTIZED_LINEARS))
+    return stem if quantized else None
 
 
 class QuantizedWeights(Mapping[str, torch.Tensor]):
-    """TensorRT-LLM checkpoint names over ``weights`` (weights.to_trtllm), ``mode``'s linears stored
-    quantized: ``<linear>.weight`` int8 [in, out] and ``<linear>.per_channel_scale`` [out], computed
-    when read (a streaming check holds one layer's)."""
+    """TensorRT-LLM checkpoint names over ``weights`` (weights.to_trtllm), ``mode``'s linears stored quantized
+    (``<linear>.weight`` and the layout's scales), computed when read (a streaming check holds one layer's)."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode):
         self.weights, self.mode = weights, mode
-        self._sources: dict[str, tuple[str, int | None]] = {}  # name -> (full-precision name, part or None)
+        self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (full-precision name, stored suffix or None)
         for name in weights:
-            if not _is_quantized_linear(name):
-                self._sources[name] = (name, None)
-            else:
-                self._sources[name] = (name, 0)
-                self._sources[name.removesuffix(".weight") + ".per_channel_scale"] = (name, 1)
-        # A layer's linears are read twice (weight, then scale): keep the last few quantized.
+            stem = _quantized_stem(name)
+            self._sources.update({name: (name, None)} if stem is None else
+                                 {f"{stem}.{suffix}": (name, suffix) for suffix in mode.layout.suffixes})
+        # A layer's linears are read a tensor at a time: keep the last few quantized.
         self._quantized = functools.lru_cache(maxsize=len(QUANTIZED_LINEARS))(self._quantize)
 
-    def _quantize(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return symmetric_quantize(self.weights[name], self.mode.bits)
+    def _quantize(self, name: str) -> dict[str, torch.Tensor]:
+        return self.mode.layout.quantize(self.weights[name])
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        source, part = self._sources[name]
-        return self.weights[source] if part is None else self._quantized(source)[part]
+        source, suffix = self._sources[name]
+        return self.weights[source] if suffix is None else self._quantized(source)[suffix]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
@@ -110,44 +257,60 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
         return len(self._sources)
 
     def is_quantized(self, name: str) -> bool:
-        return self._sources.get(name, (name, None))[1] == 0
+        return self._sources.get(name, (name, None))[1] == "weight"
+
+    def engine_array(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The array the network's constant ``name`` is built from (and refitted with): the layout's view of a
+        stored tensor, TensorRT-LLM's postprocess; floats in the model dtype."""
+        source, suffix = self._sources[name]
+        if suffix is None:
+            return self.weights[source].to(dtype).contiguous()
+        return self.mode.layout.engine_array(suffix, self[name], dtype)
+
+    def constant(self, name: str, dtype: torch.dtype, **kwargs):
+        """The network constant ``name``, named as the checkpoint names it (so an engine refits it)."""
+        tensor = F.constant(F.torch_to_numpy(self.engine_array(name, dtype)), **kwargs)
+        tensor.name = name
+        return tensor
 
 
-def read_quantized(weights: QuantizedWeights, name: str, dtype: torch.dtype):
-    """The network's [out, in] weight ``name`` from its stored int8 values and scales, constants named as the
-    checkpoint names them (so an engine refits them)."""
-    q = F.constant(F.torch_to_numpy(weights[name].contiguous()))  # [in, out] int8
-    q.name = name
-    scale_name = name.removesuffix(".weight") + ".per_channel_scale"
-    scale = F.constant(F.torch_to_numpy(weights[scale_name].to(dtype).contiguous()))  # [out]
-    scale.name = scale_name
-    return dequantize_weight(q, scale, dtype)
+def quantized_dense(x, weights: QuantizedWeights, name: str, dtype: torch.dtype):
+    """x @ W^T for the linear whose weight ``name`` the layout stores quantized."""
+    return weights.mode.layout.read(x, weights, name.removesuffix(".weight"), dtype)
 
 
-def dequantize_weight(q, scale, dtype: torch.dtype):
-    """int8 [in, out] times each output channel's scale, as weight_only_quant_matmul dequantizes without its
-    plugin, in the model dtype; transposed to Linear's [out, in]."""
-    return F.dequantize(q, scale, 1, str(dtype).removeprefix("torch.")).transpose(0, 1)
-
+# ---------------------------------------------------------------- the quantized golden
 
 class _Dequantized(nn.Module):
     """A parametrization: the weight as the port computes with it."""
 
-    def __init__(self, bits: int):
+    def __init__(self, layout, input_scale: torch.Tensor | None):
         super().__init__()
-        self.bits = bits
+        self.layout, self.input_scale = layout, input_scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return dequantized(weight, self.bits)
+        return self.layout.dequantized(weight, self.input_scale)
+
+
+def _scale_input(input_scale: torch.Tensor):
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * input_scale.to(args[0].dtype), *args[1:])
+    return pre_hook
 
 
 def quantized_golden(model: nn.Module, mode: QuantMode) -> nn.Module:
     """The quantized golden: ``model`` computing with the weights ``mode`` stores. A copy of its modules
     sharing its parameters (no second weight set), each quantized linear's weight dequantized from its
-    quantized values whenever it is read; ``model`` itself stays full precision."""
+    quantized values whenever it is read, its input scaled first where the layout stores a pre-quant
+    scale (one per TensorRT-LLM linear: q, k and v share theirs); ``model`` itself stays full precision."""
     golden = copy.deepcopy(model, memo={id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]})
     for layer in golden.model.layers:
-        for path in REFERENCE_LINEARS:
-            parametrize.register_parametrization(layer.get_submodule(path), "weight", _Dequantized(mode.bits),
-                                                 unsafe=True)
+        for paths in QUANTIZED_LINEARS.values():
+            modules = [layer.get_submodule(path) for path in paths]
+            input_scale = mode.layout.input_scale([module.weight for module in modules])
+            for module in modules:
+                parametrize.register_parametrization(module, "weight", _Dequantized(mode.layout, input_scale),
+                                                     unsafe=True)
+                if input_scale is not None:
+                    module.register_forward_pre_hook(_scale_input(input_scale.to(module.weight.dtype)))
     return golden
