@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "default: the preset's")
     locator.add_argument("--inject", choices=sorted(BUGS), metavar="BUG",
                          help="inject a catalog bug into the candidate (list-bugs)")
-    locator.add_argument("--quant", choices=sorted(QUANT_MODES),
-                         help="quantize the port's weights as TensorRT-LLM's checkpoint does, judge it against the "
-                              "quantized golden (exit status) and against full precision within a budget; "
-                              + "; ".join(f"{m.name}: {m.description}" for m in QUANT_MODES.values()))
+    locator.add_argument("--quant", choices=sorted(QUANT_MODES), metavar="MODE",
+                         help="quantize the port's weights and/or KV cache as TensorRT-LLM's checkpoint does, judge "
+                              "it against the quantized golden (exit status) and against full precision within a "
+                              "budget; " + "; ".join(f"{m.name}: {m.description}" for m in QUANT_MODES.values()
+                                                     if "+" not in m.name)
+                              + "; a weight mode and a KV cache mode together: int8_wo+int8_kv, int4_wo+fp8_kv, ...")
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
@@ -595,9 +597,9 @@ def locate_command(args: argparse.Namespace) -> int:
           f"{args.dtype}")
     quant = QUANT_MODES[args.quant] if args.quant else None
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else "")
-          + (f", weights quantized: {quant.name} (TensorRT-LLM {quant.quant_algo})" if quant else ""))
+          + (f", quantized: {quant.name} (TensorRT-LLM {quant.quant_algo})" if quant else ""))
     if quant:
-        print(f"quantized: the golden computes with the {quant.name} weights (verdicts, exit status); full "
+        print(f"quantized: the golden computes as the {quant.name} port must (verdicts, exit status); full "
               "precision sets the budget")
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "

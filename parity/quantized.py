@@ -21,7 +21,7 @@ import torch
 
 from reference import DeciCoderForCausalLM
 from trt_layers import weights as weight_mapping
-from trt_layers.quantization import QuantizedWeights, QuantMode
+from trt_layers.quantization import QuantizedWeights, QuantMode, calibrate_kv_cache
 
 from .compare import TapResult, Tolerance, row_scale
 
@@ -47,7 +47,8 @@ def candidate_weights(model: DeciCoderForCausalLM, mode: QuantMode) -> Callable[
     """The port's weights: ``model``'s, stored as ``mode`` stores them (read when built, so a weight-mapping
     bug injected then applies)."""
     state = model.state_dict()
-    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode)
+    kv_scales = calibrate_kv_cache(model, mode.kv) if mode.kv is not None else None
+    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode, kv_scales)
 
 
 def _tensor(t) -> torch.Tensor:

@@ -128,6 +128,12 @@ class DeciCoderAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary_emb = DeciCoderRotaryEmbedding(self.head_dim, config.rope_theta)
 
+    @staticmethod
+    def kv_cache(x: torch.Tensor) -> torch.Tensor:
+        """K or V as the cache stores it, which attention then reads: as computed. A quantized KV cache's golden
+        (trt_layers.quantization.quantized_golden) rounds it here, on an instance."""
+        return x
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -146,12 +152,13 @@ class DeciCoderAttention(nn.Module):
         tap(self, "q_rot", q_rot)
         tap(self, "k_rot", k_rot)
 
+        new_k, new_v = self.kv_cache(k_rot), self.kv_cache(v)
         if past_key_value is None:
-            present_k, present_v = k_rot, v
+            present_k, present_v = new_k, new_v
         else:
             past_k, past_v = past_key_value
-            present_k = torch.cat([past_k, k_rot], dim=2)  # [b, kv_heads, past + s, d]
-            present_v = torch.cat([past_v, v], dim=2)
+            present_k = torch.cat([past_k, new_k], dim=2)  # [b, kv_heads, past + s, d]
+            present_v = torch.cat([past_v, new_v], dim=2)
         tap(self, "present_k", present_k)
         tap(self, "present_v", present_v)
 

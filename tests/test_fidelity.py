@@ -551,6 +551,12 @@ SOURCE: list[Case] = [
          lambda: {"x": randn(3, 5, dtype=torch.float16) * 40},
          lambda i: {"output": L.quantize(i["x"], const(CHANNEL_SCALE.numpy()), "int8", 1)},
          lambda x: {"output": _int8(x, CHANNEL_SCALE)}, EXACT, static=("x:1",)),
+    Case("quantization/functional.py:quantize and dequantize (fp8 e4m3, an fp32 scale per tensor: a quantized KV "
+         "cache's round trip; beyond 448 saturates)",
+         lambda: {"x": randn(4, 64) * 3},
+         lambda i: {"output": L.dequantize(L.quantize(i["x"], const(np.float32(0.0123)), "fp8"),
+                                           const(np.float32(0.0123)), output_type="float32")},
+         lambda x: {"output": (x / 0.0123).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.0123}, EXACT),
     Case("functional.py:where (the issue's example: x == 0 is an EQUAL layer)",
          lambda: {"x": torch.tensor([[0, 1, 0]], dtype=torch.int32)},
          lambda i: {"output": L.where(i["x"] == 0, 1.0, 2.0)}, lambda x: {"output": torch.tensor([[1.0, 2.0, 1.0]])}),
@@ -683,8 +689,10 @@ def _mark_twice(i):
 
 
 REFUSED: list[Refusal] = [
-    Refusal("quantize: fp8 and int4 outputs are not mirrored (yet)", F32,
-            lambda i: L.quantize(i["x"], const(np.float32(0.5)), "fp8"), NotImplementedError, "fp8"),
+    Refusal("quantize: int4 outputs are not mirrored (INT4 weights arrive quantized, as constants)", F32,
+            lambda i: L.quantize(i["x"], const(np.float32(0.5)), "int4"), NotImplementedError, "int4"),
+    Refusal("quantize: fp8 with a per-channel scale is not mirrored", F32,
+            lambda i: L.quantize(i["x"], const(np.ones(3, np.float32)), "fp8", 1), NotImplementedError, "per-channel"),
     Refusal("quantize: a per-tensor scale in another float type than the input's", F32,
             lambda i: L.quantize(i["x"], const(np.float16(0.5)), "int8"), TypeError, "scale"),
     Refusal("quantize: a 2-D scale is TensorRT's blocked quantization, not mirrored", F32,

@@ -99,10 +99,15 @@ def test_int4_wo_layout_is_the_checkpoints(reference_model, dtype):
 CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("layout", ["kvheads2", "variant"])
+# Each mode alone in fp32 and fp16, GQA and tiny-variant's layout; weight and KV cache modes together in fp16.
+SINGLE = [(mode, layout, dtype) for mode in MODES.values() if "+" not in mode.name for layout in ("kvheads2", "variant")
+          for dtype in (torch.float32, torch.float16)]
+TOGETHER = [(mode, "kvheads2", torch.float16) for mode in MODES.values() if "+" in mode.name]
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=[check.label.replace(" ", "-") for check in CHECKS])
-@pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
+@pytest.mark.parametrize("mode, layout, dtype", SINGLE + TOGETHER,
+                         ids=[f"{mode.name}-{layout}-{str(dtype)[6:]}" for mode, layout, dtype in SINGLE + TOGETHER])
 def test_port_matches_the_quantized_golden(reference_model, mode, check, layout, dtype):
     model = reference_model(layout, dtype)
     report = locate(check.component, quantized_golden(model, mode), OnnxBackend(), check.shape,
@@ -110,10 +115,26 @@ def test_port_matches_the_quantized_golden(reference_model, mode, check, layout,
     assert report.exit_code == 0, report.text()
 
 
-@pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
-def test_port_diverges_from_full_precision(tiny_model, mode):
-    report = locate("mlp", tiny_model, OnnxBackend(), CaseShape(), weights=candidate_weights(tiny_model, mode))
-    assert report.exit_code == 1 and report.first_failure.name == "gate", report.text()
+@pytest.mark.parametrize("mode, component, tap", [(INT8_WO, "mlp", "gate"), (INT4_WO, "mlp", "gate"),
+                                                  (MODES["int8_kv"], "gqa_masked", "present_k"),
+                                                  (MODES["fp8_kv"], "gqa_masked", "present_k")], ids=lambda p: getattr(p, "name", p))
+def test_port_diverges_from_full_precision(tiny_model, mode, component, tap):
+    report = locate(component, tiny_model, OnnxBackend(), CaseShape(), weights=candidate_weights(tiny_model, mode))
+    assert report.exit_code == 1 and report.first_failure.name == tap, report.text()
+
+
+@pytest.mark.parametrize("mode", [MODES["int8_kv"], MODES["fp8_kv"]], ids=["int8_kv", "fp8_kv"])
+def test_kv_cache_scales_are_the_checkpoints(tiny_model, mode):
+    """transformer.layers.{i}.attention.kv_cache_scaling_factor, [1] fp32: max |K|, |V| over the calibration
+    prompt / the format's largest value; the cache holds x / scale in the format, read back times it."""
+    weights = candidate_weights(tiny_model, mode)()
+    scales = [weights[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"] for i in range(2)]
+    assert all(s.dtype == torch.float32 and s.shape == (1,) and s.item() > 0 for s in scales)
+    x = torch.tensor([1.0, -2.5, 3.0, 1000.0])
+    stored = mode.kv.stored(x, 0.5)
+    expected = [1.0, -2.5, 3.0, 63.5] if mode.kv.dtype == "int8" else [1.0, -2.5, 3.0, 224.0]  # saturated
+    assert stored.tolist() == expected
+    assert INT4_WO.layout is not None and "transformer.layers.0.mlp.fc.per_channel_scale" not in weights
 
 
 def test_quantized_golden_shares_the_models_weights_and_leaves_it_full_precision(tiny_model):
@@ -167,7 +188,7 @@ def test_quant_cli_reports_the_budget(tmp_path, capsys):
     assert main(["locate", "--component", "causal_lm", "--quant", "int8_wo", "--past-len", "5", "--json",
                  str(report), "--markdown", str(tmp_path / "report.md")]) == 0
     out = capsys.readouterr().out
-    assert "weights quantized: int8_wo (TensorRT-LLM W8A16)" in out
+    assert "quantized: int8_wo (TensorRT-LLM W8A16)" in out
     assert "against full precision (max |x - full precision|" in out
     budget = json.loads(report.read_text())["budget"]
     assert budget["margin"] == BUDGET_MARGIN and {b["verdict"] for b in budget["taps"]} == {

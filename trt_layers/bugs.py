@@ -38,13 +38,14 @@ class Shows:
     grouped_kv: bool = False  # 1 < KV heads < heads: MHA repeats nothing, MQA's one head tiles as it repeats
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
-    quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant that mode
+    quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant using it
     many_groups: bool = False  # int4_wo: the MLP's down projection spans several groups (intermediate_size > 128)
     why: str = ""  # why it shows nowhere else, where that is not plain
 
     def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None) -> bool:
         kv_heads = config.num_key_value_heads
-        return (component in self.components and shape.seq_len >= self.min_seq_len and self.quant in (None, quant)
+        uses = self.quant is None or self.quant in (quant or "").split("+")  # int4_wo+int8_kv uses int8_kv
+        return (component in self.components and shape.seq_len >= self.min_seq_len and uses
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
                 and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
                 and (not self.many_groups or config.intermediate_size > GROUP_SIZE)
@@ -167,6 +168,19 @@ def _scales_reshaped(original):
     return group_scales_engine
 
 
+def _kv_scale_dropped(original):
+    def kv_cache_scale(weights, prefix):
+        original(weights, prefix)  # the engine holds the layer's kv_cache_scaling_factor, and never applies it
+        return F.constant(np.ones(1, np.float32))
+    return kv_cache_scale
+
+
+def _kv_scale_multiplied(original):
+    def store_kv(x, scale, dtype):
+        return original(x * scale * scale, scale, dtype)  # stores x * scale where x / scale belongs
+    return store_kv
+
+
 def _scale_dropped(original):
     def dequantize_weight(q, scale, dtype):
         return F.cast(q, str(dtype).removeprefix("torch.")).transpose(0, 1)  # the int8 values, never scaled
@@ -228,6 +242,13 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         _scales_reshaped, "mlp", "down", Shows(("mlp", *_LAYER), many_groups=True, quant="int4_wo",
                                                why="with one group a linear's [out, 1] reshapes as it transposes: "
                                                    "tiny's attention and gate/up take 128 inputs, one group"),
+        hypothesis="no_known_pattern"),
+    Bug("kv_cache_scale_missing", "int8 KV cache written and read without its kv_cache_scaling_factor: K and V "
+        "rounded to whole numbers", "trt_layers.quantization:kv_cache_scale", _kv_scale_dropped, "gqa_masked",
+        "present_k", Shows(("gqa_masked", "gqa_unmasked", *_LAYER), quant="int8_kv"), hypothesis="no_known_pattern"),
+    Bug("fp8_kv_scale_multiplied", "fp8 KV cache stored as x * kv_cache_scaling_factor where TensorRT-LLM stores "
+        "x / it (the quant scale is its inverse)", "trt_layers.quantization:store_kv", _kv_scale_multiplied,
+        "gqa_masked", "present_k", Shows(("gqa_masked", "gqa_unmasked", *_LAYER), quant="fp8_kv"),
         hypothesis="no_known_pattern"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),

@@ -36,6 +36,7 @@ DTYPES = {
     "int32": (TensorProto.INT32, np.int32),
     "int8": (TensorProto.INT8, np.int8),
     "int4": (TensorProto.INT4, ml_dtypes.int4),  # one value a byte in numpy; packed two a byte in ONNX and TensorRT
+    "fp8": (TensorProto.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn),
     "bool": (TensorProto.BOOL, np.bool_),
 }
 int4 = "int4"  # tensorrt.int4, the DataType constant(as_dtype=) takes for packed INT4 weights
@@ -991,27 +992,30 @@ def _check_scale(op: str, input: Tensor, scale_factor: Tensor, axis: int) -> int
 
 
 def quantize(input: Tensor, scale_factor: Tensor, dtype: str, axis: int = -1) -> Tensor:
-    """Mirrors quantization.functional.quantize (IQuantizeLayer): round(input / scale) half to even,
-    saturated to int8's [-128, 127]; per tensor, or per channel along ``axis``."""
-    if dtype != "int8":
-        raise NotImplementedError(f"quantize to {dtype} is not mirrored (int8 is)")
+    """Mirrors quantization.functional.quantize (IQuantizeLayer): input / scale rounded half to even, saturated
+    to int8's [-128, 127] or fp8 e4m3's [-448, 448]; per tensor, or (int8) per channel along ``axis``."""
+    if dtype not in ("int8", "fp8"):
+        raise NotImplementedError(f"quantize to {dtype} is not mirrored (int8 and fp8 are)")
     if input.dtype != scale_factor.dtype or input.dtype not in _FLOATS:
         raise TypeError(f"quantize: a {input.dtype} input with a {scale_factor.dtype} scale (a strongly typed "
                         "network takes the input's float type for both)")
     channel_axis = _check_scale("quantize", input, scale_factor, axis)
-    # ONNX takes the output type from the zero point: an int8 zero, as TensorRT's symmetric quantization.
-    zero = default_net().add_constant(np.zeros(scale_factor.shape, np.int8))
-    if input.dtype != "float32":
-        default_net().require_opset(19)  # QuantizeLinear-19 takes fp16/bf16 inputs and scales
-    return default_net().add_node("QuantizeLinear", [input, scale_factor, zero], "int8", input.shape,
+    if dtype == "fp8" and channel_axis >= 0:
+        raise NotImplementedError("quantize: fp8 with a per-channel scale is not mirrored (per tensor is)")
+    # ONNX takes the output type from the zero point: a zero of the output type, as TensorRT's symmetric
+    # quantization.
+    zero = default_net().add_constant(np.zeros(scale_factor.shape, DTYPES[dtype][1]))
+    if input.dtype != "float32" or dtype == "fp8":
+        default_net().require_opset(19)  # QuantizeLinear-19 takes fp16/bf16 inputs and scales, and outputs fp8
+    return default_net().add_node("QuantizeLinear", [input, scale_factor, zero], dtype, input.shape,
                                   **({"axis": channel_axis} if channel_axis >= 0 else {}))
 
 
 def dequantize(input: Tensor, scale_factor: Tensor, axis: int = -1, output_type="float16") -> Tensor:
     """Mirrors quantization.functional.dequantize (IDequantizeLayer): int8 or int4 input times scale, per tensor
     or per channel along ``axis``, or (int4 weights, 2-D) in blocks along ``axis``, as ``output_type``."""
-    if input.dtype not in ("int8", "int4"):
-        raise NotImplementedError(f"dequantize of {input.dtype} is not mirrored (int8 and int4 are)")
+    if input.dtype not in ("int8", "int4", "fp8"):
+        raise NotImplementedError(f"dequantize of {input.dtype} is not mirrored (int8, int4 and fp8 are)")
     output_type = _dtype_name(output_type)
     if output_type not in _FLOATS:
         raise TypeError(f"dequantize: output_type {output_type} is not a float type")
@@ -1022,8 +1026,8 @@ def dequantize(input: Tensor, scale_factor: Tensor, axis: int = -1, output_type=
     else:
         channel_axis = _check_scale("dequantize", input, scale_factor, axis)
         attributes = {"axis": channel_axis} if channel_axis >= 0 else {}
-    if scale_factor.dtype != "float32":
-        default_net().require_opset(19)  # DequantizeLinear-19 takes fp16/bf16 scales, and outputs their type
+    if scale_factor.dtype != "float32" or input.dtype == "fp8":
+        default_net().require_opset(19)  # DequantizeLinear-19 takes fp16/bf16 scales (output in their type), fp8
     if input.dtype == "int4":
         default_net().require_opset(21)  # INT4 and block_size arrive in opset 21
     # DequantizeLinear multiplies in the scale's type; TensorRT's output_type is a cast of that product.

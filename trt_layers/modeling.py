@@ -19,7 +19,7 @@ from reference.inputs import past_names
 from reference.taps import LAYER_TAPS
 
 from . import functional as F
-from .quantization import QuantizedWeights, quantized_dense
+from .quantization import QuantizedWeights, kv_cache_entry, quantized_dense
 from .weights import layer_prefix
 
 Taps = dict  # tap name -> Tensor, in execution order
@@ -128,6 +128,14 @@ def no_mask(q, k):
     return None
 
 
+def kv_cache(x, weights: Weights, prefix: str, dtype: torch.dtype):
+    """K or V as the cache stores it, which attention then reads: as computed, or through a quantized KV cache's
+    Q/DQ (quantization.kv_cache_entry)."""
+    if isinstance(weights, QuantizedWeights) and weights.mode.kv is not None:
+        return kv_cache_entry(x, weights, prefix, dtype)
+    return x
+
+
 def append_kv(past, new):
     """The cache after this step: [b, kv_heads, past + s, d], past first."""
     return F.concat([past, new], dim=2)
@@ -150,10 +158,11 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
     rotated = rope(taps["q"], taps["k"], position_ids, config, dtype)
     taps.update(q_rot=rotated["q_rot"], k_rot=rotated["k_rot"])
 
+    new_k, new_v = (kv_cache(t, weights, prefix, dtype) for t in (taps["k_rot"], taps["v"]))
     if past is None:
-        taps.update(present_k=taps["k_rot"], present_v=taps["v"])
+        taps.update(present_k=new_k, present_v=new_v)
     else:
-        taps.update(present_k=append_kv(past[0], taps["k_rot"]), present_v=append_kv(past[1], taps["v"]))
+        taps.update(present_k=append_kv(past[0], new_k), present_v=append_kv(past[1], new_v))
     n_rep = config.num_key_value_groups
     taps.update(k_rep=repeat_kv(taps["present_k"], n_rep), v_rep=repeat_kv(taps["present_v"], n_rep))
     # Scaling q before Q K^T (TensorRT-LLM's norm_before_bmm1) multiplies [b, H, s, d], not the

@@ -203,22 +203,81 @@ def dequantize_groups(q, scale, dtype: torch.dtype):
     return F.dequantize(q, scale, 0, _dtype_name(dtype))
 
 
+# ---------------------------------------------------------------- KV cache
+
+KV_CACHE_SCALE = "attention.kv_cache_scaling_factor"  # [1] fp32 a layer, after transformer.layers.{i}.
+CALIBRATION_TOKENS = 64  # the seeded prompt a KV cache's scales are calibrated on
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """A quantized KV cache (kv_cache_quant_algo INT8 or FP8): each layer's K and V stored as ``dtype`` values of
+    x / kv_cache_scaling_factor and read back times it, the scale ModelOpt calibrates: the larger of K's and V's
+    max |x| over the calibration prompt, over the format's largest value (127, 448)."""
+
+    dtype: str  # TensorRT-LLM's name of the cache's dtype: int8, fp8
+    largest: float
+
+    def stored(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """``x`` as the cache stores it and attention reads it back, in x's dtype (the golden's)."""
+        scaled = x.float() / torch.tensor(scale, dtype=torch.float32)
+        if self.dtype == "int8":
+            values = scaled.round().clamp(-128, 127)
+        else:
+            values = scaled.clamp(-self.largest, self.largest).to(torch.float8_e4m3fn).float()
+        return (values * scale).to(x.dtype)
+
+
+def calibrate_kv_cache(model: nn.Module, kv: KvCache) -> list[float]:
+    """Each layer's kv_cache_scaling_factor, from K and V over a seeded prompt of CALIBRATION_TOKENS random
+    tokens (a random-weight model has no calibration set to take)."""
+    tokens = torch.randint(model.config.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        presents = model(tokens, use_cache=True).past_key_values
+    return [max(float(k.abs().max()), float(v.abs().max())) / kv.largest for k, v in presents]
+
+
+def kv_cache_entry(x, weights: QuantizedWeights, prefix: str, dtype: torch.dtype):
+    """K or V [b, kv_heads, s, d] as the quantized cache stores it and attention reads it back: through fp32
+    quantize/dequantize with the layer's scale (TensorRT-LLM's attention converts the cache in fp32)."""
+    scale = kv_cache_scale(weights, prefix)
+    stored = store_kv(F.cast(x, "float32"), scale, weights.mode.kv.dtype)
+    return F.cast(F.dequantize(stored, scale, -1, "float32"), _dtype_name(dtype))
+
+
+def kv_cache_scale(weights: QuantizedWeights, prefix: str):
+    return weights.constant(prefix + KV_CACHE_SCALE, torch.float32)  # [1]
+
+
+def store_kv(x, scale, dtype: str):
+    return F.quantize(x, scale, dtype)
+
+
 # ---------------------------------------------------------------- modes
 
 @dataclass(frozen=True)
 class QuantMode:
     name: str
-    quant_algo: str  # TensorRT-LLM's QuantAlgo
+    quant_algo: str  # TensorRT-LLM's QuantAlgo and KV cache quant algo
     description: str
-    layout: PerChannelInt8 | GroupwiseInt4
+    layout: PerChannelInt8 | GroupwiseInt4 | None  # the weights' (None: full precision)
+    kv: KvCache | None = None  # the KV cache's (None: the model dtype)
 
 
-MODES = {mode.name: mode for mode in [
+_WEIGHT_MODES = [
     QuantMode("int8_wo", "W8A16", "INT8 weights with a scale per output channel; activations in the model dtype",
               PerChannelInt8()),
     QuantMode("int4_wo", "W4A16_AWQ", f"INT4 weights with a scale per {GROUP_SIZE} input channels and AWQ's "
               "pre-quant scale on the activations", GroupwiseInt4()),
-]}
+]
+_KV_MODES = [
+    QuantMode("int8_kv", "kv INT8", "the KV cache in INT8, one scale a layer", None, KvCache("int8", 127.0)),
+    QuantMode("fp8_kv", "kv FP8", "the KV cache in FP8 (e4m3), one scale a layer", None, KvCache("fp8", 448.0)),
+]
+MODES = {mode.name: mode for mode in [
+    *_WEIGHT_MODES, *_KV_MODES,
+    *(QuantMode(f"{w.name}+{kv.name}", f"{w.quant_algo} + {kv.quant_algo}", f"{w.description}; {kv.description}",
+                w.layout, kv.kv) for w in _WEIGHT_MODES for kv in _KV_MODES)]}
 
 
 def _quantized_stem(name: str) -> str | None:
@@ -233,13 +292,16 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
     """TensorRT-LLM checkpoint names over ``weights`` (weights.to_trtllm), ``mode``'s linears stored quantized
     (``<linear>.weight`` and the layout's scales), computed when read (a streaming check holds one layer's)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode):
+    def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode, kv_scales: list[float] | None = None):
         self.weights, self.mode = weights, mode
         self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (full-precision name, stored suffix or None)
         for name in weights:
-            stem = _quantized_stem(name)
+            stem = _quantized_stem(name) if mode.layout is not None else None
             self._sources.update({name: (name, None)} if stem is None else
                                  {f"{stem}.{suffix}": (name, suffix) for suffix in mode.layout.suffixes})
+        # The KV cache's scales: checkpoint tensors of their own, [1] fp32 each.
+        self._kv_scales = {f"transformer.layers.{i}.{KV_CACHE_SCALE}": torch.tensor([scale], dtype=torch.float32)
+                           for i, scale in enumerate(kv_scales or [])}
         # A layer's linears are read a tensor at a time: keep the last few quantized.
         self._quantized = functools.lru_cache(maxsize=len(QUANTIZED_LINEARS))(self._quantize)
 
@@ -247,14 +309,16 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
         return self.mode.layout.quantize(self.weights[name])
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._kv_scales:
+            return self._kv_scales[name]
         source, suffix = self._sources[name]
         return self.weights[source] if suffix is None else self._quantized(source)[suffix]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
+        return iter([*self._sources, *self._kv_scales])
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._sources) + len(self._kv_scales)
 
     def is_quantized(self, name: str) -> bool:
         return self._sources.get(name, (name, None))[1] == "weight"
@@ -262,6 +326,8 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
     def engine_array(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The array the network's constant ``name`` is built from (and refitted with): the layout's view of a
         stored tensor, TensorRT-LLM's postprocess; floats in the model dtype."""
+        if name in self._kv_scales:
+            return self._kv_scales[name]  # fp32 whatever the model dtype
         source, suffix = self._sources[name]
         if suffix is None:
             return self.weights[source].to(dtype).contiguous()
@@ -302,8 +368,14 @@ def quantized_golden(model: nn.Module, mode: QuantMode) -> nn.Module:
     """The quantized golden: ``model`` computing with the weights ``mode`` stores. A copy of its modules
     sharing its parameters (no second weight set), each quantized linear's weight dequantized from its
     quantized values whenever it is read, its input scaled first where the layout stores a pre-quant
-    scale (one per TensorRT-LLM linear: q, k and v share theirs); ``model`` itself stays full precision."""
+    scale (one per TensorRT-LLM linear: q, k and v share theirs), and K and V rounded as a quantized KV
+    cache stores them; ``model`` itself stays full precision."""
     golden = copy.deepcopy(model, memo={id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]})
+    if mode.kv is not None:
+        for layer, scale in zip(golden.model.layers, calibrate_kv_cache(model, mode.kv)):
+            layer.self_attn.kv_cache = functools.partial(mode.kv.stored, scale=scale)
+    if mode.layout is None:
+        return golden
     for layer in golden.model.layers:
         for paths in QUANTIZED_LINEARS.values():
             modules = [layer.get_submodule(path) for path in paths]
