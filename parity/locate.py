@@ -51,7 +51,7 @@ from .check import (CandidateWeights, CheckResult, build_candidate, check_compon
                     reference_weights)
 from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
 from .diagnose import NO_PATTERN, Diagnosis, diagnose_layer, diagnose_model_tap
-from .quantized import TapBudget, tap_budgets, unquantized_budgets
+from .quantized import TapBudget, admit_rounding, tap_budgets, unquantized_budgets
 
 Progress = Callable[[str], None]
 
@@ -394,6 +394,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             golden = run_layer(model, i, golden_hidden, inputs["position_ids"], past, tuple(layer_outputs))
             engine = layer_engine(engine, i)
             candidate = engine.infer(layer_feed)
+            golden = admit_rounding("layer", model, golden, candidate, tolerance, layer=i)  # a quantized KV cache's
             compared = compare_taps(golden, candidate, tolerance, layer_outputs)
             for r in compared:
                 name = f"layer_{i}.{r.name.removeprefix('attn.')}"
@@ -406,6 +407,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             if detail is None and first_failure(compared) is not None:  # where inside this layer, and what?
                 golden_taps = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
                 candidate_taps = build("layer", i).infer(layer_feed)
+                golden_taps = admit_rounding("layer", model, golden_taps, candidate_taps, tolerance, layer=i)
                 detail = (i, compare_taps(golden_taps, candidate_taps, tolerance))
                 if not diverged:
                     layer_inputs = {"hidden_states": golden_hidden, "position_ids": inputs["position_ids"]}

@@ -21,7 +21,7 @@ import torch
 
 from reference import DeciCoderForCausalLM
 from trt_layers import weights as weight_mapping
-from trt_layers.quantization import QuantizedWeights, QuantMode, calibrate_kv_cache
+from trt_layers.quantization import QuantizedWeights, QuantMode, RoundedCache, calibrate_kv_cache
 
 from .compare import TapResult, Tolerance, row_scale
 
@@ -47,8 +47,56 @@ def candidate_weights(model: DeciCoderForCausalLM, mode: QuantMode) -> Callable[
     """The port's weights: ``model``'s, stored as ``mode`` stores them (read when built, so a weight-mapping
     bug injected then applies)."""
     state = model.state_dict()
-    kv_scales = calibrate_kv_cache(model, mode.kv) if mode.kv is not None else None
+    kv_scales = calibrate_kv_cache(model, mode.kv)
     return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode, kv_scales)
+
+
+def admit_cache_rounding(golden: dict[str, object], candidate: Mapping[str, object], attention: torch.nn.Module,
+                         present: Mapping[str, str], tolerance: Tolerance) -> dict[str, object]:
+    """``golden`` with its quantized KV cache's new entries set to the candidate's wherever the candidate stored
+    the rounding of a value within tolerance of the golden's pre-rounding K or V, and to the nearest such rounding
+    elsewhere: a value a last ulp from a rounding boundary rounds either way, so a correct port's cache may hold
+    the neighbouring step. ``attention``: the golden layer's (its kv_cache a RoundedCache, else nothing to admit);
+    ``present``: "k", "v" -> the tap holding that cache. The error left is the candidate's distance beyond the
+    roundings a passing K or V allows."""
+    cache = getattr(attention, "kv_cache", None)
+    if not isinstance(cache, RoundedCache):
+        return golden
+    for name, tap in present.items():
+        if tap not in golden or tap not in candidate or name not in cache.rounded:
+            continue
+        x, stored = cache.rounded[name].float(), golden[tap]
+        if tuple(np.shape(candidate[tap])) != tuple(stored.shape):
+            continue
+        delta = torch.maximum(tolerance.atol * row_scale(x), tolerance.rtol * x.abs())  # the judge's, at K or V
+        low, high = cache.window(name, delta)
+        new = x.shape[2]  # the new tokens: the cache's last positions [b, kv_heads, past + new, d]
+        admitted = stored.clone()
+        stored_by_candidate = _tensor(candidate[tap])[:, :, -new:].to(x.device)
+        admitted[:, :, -new:] = torch.minimum(torch.maximum(stored_by_candidate, low), high)
+        golden[tap] = admitted
+    return golden
+
+
+def cache_taps(component: str, num_layers: int, layer: int = 0) -> list[tuple[int, dict[str, str]]]:
+    """Where ``component``'s taps hold a layer's KV cache: (layer, {"k": tap, "v": tap}) for each; ``layer``: the
+    streamed model's layer (component "layer")."""
+    if component in ("gqa_masked", "gqa_unmasked"):
+        return [(0, {"k": "present_k", "v": "present_v"})]
+    if component == "layer":
+        return [(layer, {"k": "attn.present_k", "v": "attn.present_v"})]
+    if component == "causal_lm":
+        return [(i, {"k": f"layer_{i}.present_k", "v": f"layer_{i}.present_v"}) for i in range(num_layers)]
+    return []
+
+
+def admit_rounding(component: str, model: DeciCoderForCausalLM, golden: dict[str, object],
+                   candidate: Mapping[str, object], tolerance: Tolerance, layer: int = 0) -> dict[str, object]:
+    """admit_cache_rounding at every cache ``component``'s taps hold; a copy of ``golden`` where it admits any."""
+    golden = dict(golden)
+    for i, present in cache_taps(component, model.config.num_hidden_layers, layer):
+        golden = admit_cache_rounding(golden, candidate, model.model.layers[i].self_attn, present, tolerance)
+    return golden
 
 
 def _tensor(t) -> torch.Tensor:

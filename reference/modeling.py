@@ -129,9 +129,9 @@ class DeciCoderAttention(nn.Module):
         self.rotary_emb = DeciCoderRotaryEmbedding(self.head_dim, config.rope_theta)
 
     @staticmethod
-    def kv_cache(x: torch.Tensor) -> torch.Tensor:
-        """K or V as the cache stores it, which attention then reads: as computed. A quantized KV cache's golden
-        (trt_layers.quantization.quantized_golden) rounds it here, on an instance."""
+    def kv_cache(x: torch.Tensor, name: str) -> torch.Tensor:
+        """K or V (``name`` "k" or "v") of the new tokens as the cache stores them: as computed. A quantized KV
+        cache's golden (trt_layers.quantization.quantized_golden) rounds them here, on an instance."""
         return x
 
     def forward(
@@ -152,27 +152,29 @@ class DeciCoderAttention(nn.Module):
         tap(self, "q_rot", q_rot)
         tap(self, "k_rot", k_rot)
 
-        new_k, new_v = self.kv_cache(k_rot), self.kv_cache(v)
-        if past_key_value is None:
-            present_k, present_v = new_k, new_v
-        else:
+        # Attention reads the new tokens' K and V as computed and the cached tokens' as the cache holds them,
+        # and the cache stores the new ones as kv_cache makes them (a quantized cache rounds them there).
+        keys, values = k_rot, v
+        present_k, present_v = self.kv_cache(k_rot, "k"), self.kv_cache(v, "v")
+        if past_key_value is not None:
             past_k, past_v = past_key_value
-            present_k = torch.cat([past_k, new_k], dim=2)  # [b, kv_heads, past + s, d]
-            present_v = torch.cat([past_v, new_v], dim=2)
+            keys, values = torch.cat([past_k, k_rot], dim=2), torch.cat([past_v, v], dim=2)  # [b, kv_heads, past + s, d]
+            present_k = keys if present_k is k_rot else torch.cat([past_k, present_k], dim=2)
+            present_v = values if present_v is v else torch.cat([past_v, present_v], dim=2)
         tap(self, "present_k", present_k)
         tap(self, "present_v", present_v)
 
         # An ONNX export takes the explicit path too: polygraphy debug reduce cuts the graph between
         # the steps, and torch.onnx cannot lower SDPA's enable_gqa.
         if tapped(self, "k_rep", "v_rep", "scores", "probs", "context") or torch.onnx.is_in_onnx_export():
-            k_rep = tap(self, "k_rep", repeat_kv(present_k, self.num_key_value_groups))  # [b, heads, kv_len, d]
-            v_rep = tap(self, "v_rep", repeat_kv(present_v, self.num_key_value_groups))
+            k_rep = tap(self, "k_rep", repeat_kv(keys, self.num_key_value_groups))  # [b, heads, kv_len, d]
+            v_rep = tap(self, "v_rep", repeat_kv(values, self.num_key_value_groups))
             mask = causal_mask(q_len, q_len, q.dtype, q.device) if past_key_value is None else attention_mask
             context = self._eager_attention(q_rot, k_rep, v_rep, mask)
         else:
             # Deci's own call, fused: causal over the prompt in prefill; in decode, the mask the model
             # passes. Each KV head serves its group of query heads in place (repeat_kv's result, uncopied).
-            context = F.scaled_dot_product_attention(q_rot, present_k, present_v, attn_mask=attention_mask,
+            context = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=attention_mask,
                                                      is_causal=past_key_value is None, scale=self.scaling,
                                                      enable_gqa=self.num_key_value_groups > 1)
         context = context.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)

@@ -168,6 +168,11 @@ def _scales_reshaped(original):
     return group_scales_engine
 
 
+# A quantized cache changes what the cache holds, not what attention reads this step (the new tokens' K and V as
+# computed): it shows in the taps of the cache, which the decoder_layer check does not tap.
+_CACHE_ONLY = "it changes only the cache, which the decoder_layer check does not tap"
+
+
 def _kv_scale_dropped(original):
     def kv_cache_scale(weights, prefix):
         original(weights, prefix)  # the engine holds the layer's kv_cache_scaling_factor, and never applies it
@@ -245,10 +250,10 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         hypothesis="no_known_pattern"),
     Bug("kv_cache_scale_missing", "int8 KV cache written and read without its kv_cache_scaling_factor: K and V "
         "rounded to whole numbers", "trt_layers.quantization:kv_cache_scale", _kv_scale_dropped, "gqa_masked",
-        "present_k", Shows(("gqa_masked", "gqa_unmasked", *_LAYER), quant="int8_kv"), hypothesis="no_known_pattern"),
+        "present_k", Shows(("gqa_masked", "gqa_unmasked", "causal_lm"), quant="int8_kv", why=_CACHE_ONLY), hypothesis="no_known_pattern"),
     Bug("fp8_kv_scale_multiplied", "fp8 KV cache stored as x * kv_cache_scaling_factor where TensorRT-LLM stores "
         "x / it (the quant scale is its inverse)", "trt_layers.quantization:store_kv", _kv_scale_multiplied,
-        "gqa_masked", "present_k", Shows(("gqa_masked", "gqa_unmasked", *_LAYER), quant="fp8_kv"),
+        "gqa_masked", "present_k", Shows(("gqa_masked", "gqa_unmasked", "causal_lm"), quant="fp8_kv", why=_CACHE_ONLY),
         hypothesis="no_known_pattern"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),

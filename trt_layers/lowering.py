@@ -41,8 +41,8 @@ DTYPES = {
 }
 int4 = "int4"  # tensorrt.int4, the DataType constant(as_dtype=) takes for packed INT4 weights
 _NUMPY_TO_DTYPE = {np.dtype(np_type): name for name, (_, np_type) in DTYPES.items()}
-# Constants that to_onnx can turn into fed weights: floats, and int8 and int4 (weights stored quantized).
-_WEIGHT_DTYPES = ("float32", "float16", "int8", "int4")
+# Constants that to_onnx can turn into fed weights: floats, and int8, int4 and fp8 (weights stored quantized).
+_WEIGHT_DTYPES = ("float32", "float16", "int8", "int4", "fp8")
 _FLOATS = ("float32", "float16", "bfloat16")
 
 
@@ -574,9 +574,12 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
 
 
 def torch_to_numpy(x: torch.Tensor) -> np.ndarray:
-    """Mirrors tensorrt_llm._utils.torch_to_numpy; bfloat16 arrays use ml_dtypes."""
+    """Mirrors tensorrt_llm._utils.torch_to_numpy; bfloat16 and float8_e4m3fn arrays use ml_dtypes (where
+    TensorRT-LLM views their bytes as np_bfloat16, np_float8)."""
     if x.dtype == torch.bfloat16:
         return x.detach().cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if x.dtype == torch.float8_e4m3fn:
+        return x.detach().cpu().view(torch.int8).numpy().view(ml_dtypes.float8_e4m3fn)
     return x.detach().cpu().numpy()
 
 

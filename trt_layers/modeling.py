@@ -158,13 +158,16 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
     rotated = rope(taps["q"], taps["k"], position_ids, config, dtype)
     taps.update(q_rot=rotated["q_rot"], k_rot=rotated["k_rot"])
 
-    new_k, new_v = (kv_cache(t, weights, prefix, dtype) for t in (taps["k_rot"], taps["v"]))
-    if past is None:
-        taps.update(present_k=new_k, present_v=new_v)
-    else:
-        taps.update(present_k=append_kv(past[0], new_k), present_v=append_kv(past[1], new_v))
+    # Attention reads the new tokens' K and V as computed and the cached tokens' as the cache holds them (so does
+    # TensorRT-LLM's attention, context and generation), and the cache stores the new ones as kv_cache makes them.
+    keys, values = taps["k_rot"], taps["v"]
+    present_k, present_v = (kv_cache(t, weights, prefix, dtype) for t in (keys, values))
+    if past is not None:
+        keys, values = append_kv(past[0], keys), append_kv(past[1], values)
+        present_k = keys if present_k is taps["k_rot"] else append_kv(past[0], present_k)
+        present_v = values if present_v is taps["v"] else append_kv(past[1], present_v)
     n_rep = config.num_key_value_groups
-    taps.update(k_rep=repeat_kv(taps["present_k"], n_rep), v_rep=repeat_kv(taps["present_v"], n_rep))
+    taps.update(present_k=present_k, present_v=present_v, k_rep=repeat_kv(keys, n_rep), v_rep=repeat_kv(values, n_rep))
     # Scaling q before Q K^T (TensorRT-LLM's norm_before_bmm1) multiplies [b, H, s, d], not the
     # [b, H, s, kv_len] scores: at 2048 tokens, 16 MiB instead of 512 MiB a layer.
     taps["scores"] = F.matmul(taps["q_rot"] * d**-0.5, taps["k_rep"], transb=True)  # [b, H, s, kv_len]

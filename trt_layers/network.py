@@ -207,7 +207,7 @@ class OnnxEngine(Engine):
                  session: Callable[[onnx.ModelProto], object], fp16: bool):
         super().__init__("onnx", runner, lambda: onnx_fp16.round_each_op_to_fp16(network.to_onnx()))
         self._network, self._weights, self._lowered, self._session = network, weights, lowered, session
-        self._int4 = _int4_values(weights)
+        self._ort_values = _ort_values(weights)
         self._fp16 = fp16  # rounded after each op (onnx_fp16)
         self._at_shapes: tuple[tuple, object | None] = ((), None)  # (feed shapes, their runner or None)
 
@@ -219,9 +219,9 @@ class OnnxEngine(Engine):
 
     def infer(self, feed: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         with quiet_polygraphy(), self._runner_for(feed) as runner:
-            if self._int4:  # polygraphy's runner feeds numpy arrays only, and numpy has no int4
+            if self._ort_values:  # polygraphy's runner feeds numpy arrays only
                 session = runner.sess
-                arrays = session.run(None, {**feed, **self._weights, **self._int4})
+                arrays = session.run(None, {**feed, **self._weights, **self._ort_values})
                 outputs = OrderedDict(zip([output.name for output in session.get_outputs()], arrays))
             else:
                 outputs = runner.infer({**feed, **self._weights})
@@ -260,21 +260,25 @@ class OnnxEngine(Engine):
         changed = self._network.refit(weights)
         # A weight used only through a fold (a norm weight reshaped) is not an input itself.
         self._weights.update((name, array) for name, array in changed.items() if name in self._weights)
-        self._int4 = _int4_values(self._weights)
+        self._ort_values = _ort_values(self._weights)
 
 
-def _int4_values(weights: dict[str, np.ndarray]) -> dict[str, object]:
-    """The INT4 weights as ONNX Runtime takes them: OrtValues holding their packed bytes."""
+def _ort_values(weights: dict[str, np.ndarray]) -> dict[str, object]:
+    """The weights ONNX Runtime takes only as OrtValues (it has no numpy type for them): INT4 ones as their
+    packed bytes, FP8 ones as theirs."""
     import ctypes
 
-    import onnxruntime
+    from onnxruntime import OrtValue
 
     values = {}
     for name, array in weights.items():
         if array.dtype == ml_dtypes.int4:
             packed = lowering.pack_int4(array)
-            values[name] = onnxruntime.OrtValue.ortvalue_from_shape_and_type(list(array.shape), onnx.TensorProto.INT4)
+            values[name] = OrtValue.ortvalue_from_shape_and_type(list(array.shape), onnx.TensorProto.INT4)
             ctypes.memmove(values[name].data_ptr(), packed.ctypes.data, packed.nbytes)
+        elif array.dtype == ml_dtypes.float8_e4m3fn:
+            values[name] = OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8),
+                                                                       onnx.TensorProto.FLOAT8E4M3FN)
     return values
 
 

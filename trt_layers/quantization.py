@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +90,9 @@ class PerChannelInt8:
         q, scale = symmetric_quantize(weight, 8)
         return {"weight": q, "per_channel_scale": scale}
 
-    def input_scale(self, weights: list[torch.Tensor]) -> None:
-        return None  # activations are not scaled
+    def golden(self, weights: list[torch.Tensor]) -> tuple[Callable, Callable | None]:
+        """The quantized golden's linear: its weight as the port computes with it; its input as it is."""
+        return self.dequantized, None
 
     def dequantized(self, weight: torch.Tensor, input_scale: None = None) -> torch.Tensor:
         q, scale = _quantized_rows(weight, 8)
@@ -156,12 +157,16 @@ class GroupwiseInt4:
     """int4_wo's layout: AWQ, groups of GROUP_SIZE input channels, a pre-quant scale on the activations."""
 
     suffixes = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
-    input_scale = staticmethod(awq_input_scale)
-
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        prequant = self.input_scale([weight]).to(weight.dtype)  # stored in the weights' dtype, and used as stored
+        prequant = awq_input_scale([weight]).to(weight.dtype)  # stored in the weights' dtype, and used as stored
         q, scale = awq_quantize(weight, prequant.float())
         return {"weight": pack_int4(q), "weights_scaling_factor": scale, "prequant_scaling_factor": prequant}
+
+    def golden(self, weights: list[torch.Tensor]) -> tuple[Callable, Callable | None]:
+        """The dequantized weight, and the input times the pre-quant scale (the fused QKV's for q, k and v)."""
+        input_scale = awq_input_scale(weights)
+        return (functools.partial(self.dequantized, input_scale=input_scale),
+                lambda x: x * input_scale.to(x.dtype))
 
     def dequantized(self, weight: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
         """The weight [out, in] the port multiplies the scaled activations by, in the weight's dtype."""
@@ -228,13 +233,36 @@ class KvCache:
         return (values * scale).to(x.dtype)
 
 
-def calibrate_kv_cache(model: nn.Module, kv: KvCache) -> list[float]:
-    """Each layer's kv_cache_scaling_factor, from K and V over a seeded prompt of CALIBRATION_TOKENS random
-    tokens (a random-weight model has no calibration set to take)."""
+def calibrate_kv_cache(model: nn.Module, kv: KvCache | None) -> list[float]:
+    """Each layer's kv_cache_scaling_factor, from full-precision ``model``'s K and V over a seeded prompt of
+    CALIBRATION_TOKENS random tokens (a random-weight model has no calibration set to take); none without ``kv``."""
+    if kv is None:
+        return []
     tokens = torch.randint(model.config.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         presents = model(tokens, use_cache=True).past_key_values
     return [max(float(k.abs().max()), float(v.abs().max())) / kv.largest for k, v in presents]
+
+
+class RoundedCache:
+    """The quantized golden's KV cache (the reference's ``kv_cache`` hook): K and V rounded as the cache stores
+    them. It keeps the values it last rounded, so that the judge can admit the rounding of any value within
+    tolerance of them (parity.quantized.admit_cache_rounding): a value a last ulp from a rounding boundary
+    rounds either way, and a correct port's K differs from the golden's by its last ulps."""
+
+    def __init__(self, kv: KvCache, scale: float):
+        self.kv, self.scale = kv, scale
+        self.rounded: dict[str, torch.Tensor] = {}  # "k", "v" -> the new tokens' values before rounding
+
+    def __call__(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        self.rounded[name] = x
+        return self.kv.stored(x, self.scale)
+
+    def window(self, name: str, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The least and greatest stored value of a value within ``delta`` of the last rounded ``name``
+        (rounding is monotone), in fp32."""
+        x = self.rounded[name].float()
+        return self.kv.stored(x - delta, self.scale), self.kv.stored(x + delta, self.scale)
 
 
 def kv_cache_entry(x, weights: QuantizedWeights, prefix: str, dtype: torch.dtype):
@@ -292,7 +320,7 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
     """TensorRT-LLM checkpoint names over ``weights`` (weights.to_trtllm), ``mode``'s linears stored quantized
     (``<linear>.weight`` and the layout's scales), computed when read (a streaming check holds one layer's)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode, kv_scales: list[float] | None = None):
+    def __init__(self, weights: Mapping[str, torch.Tensor], mode: QuantMode, kv_scales: list[float]):
         self.weights, self.mode = weights, mode
         self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (full-precision name, stored suffix or None)
         for name in weights:
@@ -301,7 +329,7 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
                                  {f"{stem}.{suffix}": (name, suffix) for suffix in mode.layout.suffixes})
         # The KV cache's scales: checkpoint tensors of their own, [1] fp32 each.
         self._kv_scales = {f"transformer.layers.{i}.{KV_CACHE_SCALE}": torch.tensor([scale], dtype=torch.float32)
-                           for i, scale in enumerate(kv_scales or [])}
+                           for i, scale in enumerate(kv_scales)}
         # A layer's linears are read a tensor at a time: keep the last few quantized.
         self._quantized = functools.lru_cache(maxsize=len(QUANTIZED_LINEARS))(self._quantize)
 
@@ -350,39 +378,37 @@ def quantized_dense(x, weights: QuantizedWeights, name: str, dtype: torch.dtype)
 class _Dequantized(nn.Module):
     """A parametrization: the weight as the port computes with it."""
 
-    def __init__(self, layout, input_scale: torch.Tensor | None):
+    def __init__(self, weight: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.layout, self.input_scale = layout, input_scale
+        self.weight = weight
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.layout.dequantized(weight, self.input_scale)
+        return self.weight(weight)
 
 
-def _scale_input(input_scale: torch.Tensor):
+def _on_input(transform: Callable[[torch.Tensor], torch.Tensor]):
     def pre_hook(module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * input_scale.to(args[0].dtype), *args[1:])
+        return (transform(args[0]), *args[1:])
     return pre_hook
 
 
 def quantized_golden(model: nn.Module, mode: QuantMode) -> nn.Module:
     """The quantized golden: ``model`` computing with the weights ``mode`` stores. A copy of its modules
     sharing its parameters (no second weight set), each quantized linear's weight dequantized from its
-    quantized values whenever it is read, its input scaled first where the layout stores a pre-quant
-    scale (one per TensorRT-LLM linear: q, k and v share theirs), and K and V rounded as a quantized KV
-    cache stores them; ``model`` itself stays full precision."""
+    quantized values whenever it is read, its input transformed first where the layout does (AWQ's
+    pre-quant scale; q, k and v share the fused QKV's), and K and V rounded as a quantized KV cache
+    stores them (RoundedCache); ``model`` itself stays full precision."""
     golden = copy.deepcopy(model, memo={id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]})
-    if mode.kv is not None:
-        for layer, scale in zip(golden.model.layers, calibrate_kv_cache(model, mode.kv)):
-            layer.self_attn.kv_cache = functools.partial(mode.kv.stored, scale=scale)
+    for layer, scale in zip(golden.model.layers, calibrate_kv_cache(model, mode.kv)):
+        layer.self_attn.kv_cache = RoundedCache(mode.kv, scale)
     if mode.layout is None:
         return golden
     for layer in golden.model.layers:
         for paths in QUANTIZED_LINEARS.values():
             modules = [layer.get_submodule(path) for path in paths]
-            input_scale = mode.layout.input_scale([module.weight for module in modules])
+            weight, on_input = mode.layout.golden([module.weight for module in modules])
             for module in modules:
-                parametrize.register_parametrization(module, "weight", _Dequantized(mode.layout, input_scale),
-                                                     unsafe=True)
-                if input_scale is not None:
-                    module.register_forward_pre_hook(_scale_input(input_scale.to(module.weight.dtype)))
+                parametrize.register_parametrization(module, "weight", _Dequantized(weight), unsafe=True)
+                if on_input is not None:
+                    module.register_forward_pre_hook(_on_input(on_input))
     return golden
