@@ -158,7 +158,8 @@ class DeciCoderAttention(nn.Module):
         present_k, present_v = self.kv_cache(k_rot, "k"), self.kv_cache(v, "v")
         if past_key_value is not None:
             past_k, past_v = past_key_value
-            keys, values = torch.cat([past_k, k_rot], dim=2), torch.cat([past_v, v], dim=2)  # [b, kv_heads, past + s, d]
+            keys = torch.cat([past_k, k_rot], dim=2)  # [b, kv_heads, past + s, d]
+            values = torch.cat([past_v, v], dim=2)
             present_k = keys if present_k is k_rot else torch.cat([past_k, present_k], dim=2)
             present_v = values if present_v is v else torch.cat([past_v, present_v], dim=2)
         tap(self, "present_k", present_k)
