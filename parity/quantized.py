@@ -62,6 +62,7 @@ def admit_cache_rounding(golden: dict[str, object], candidate: Mapping[str, obje
     cache = getattr(attention, "kv_cache", None)
     if not isinstance(cache, RoundedCache):
         return golden
+    golden = dict(golden)
     for name, tap in present.items():
         if tap not in golden or tap not in candidate or name not in cache.rounded:
             continue
@@ -92,8 +93,7 @@ def cache_taps(component: str, num_layers: int, layer: int = 0) -> list[tuple[in
 
 def admit_rounding(component: str, model: DeciCoderForCausalLM, golden: dict[str, object],
                    candidate: Mapping[str, object], tolerance: Tolerance, layer: int = 0) -> dict[str, object]:
-    """admit_cache_rounding at every cache ``component``'s taps hold; a copy of ``golden`` where it admits any."""
-    golden = dict(golden)
+    """admit_cache_rounding at every cache ``component``'s taps hold (a copy of ``golden`` where it admits any)."""
     for i, present in cache_taps(component, model.config.num_hidden_layers, layer):
         golden = admit_cache_rounding(golden, candidate, model.model.layers[i].self_attn, present, tolerance)
     return golden

@@ -129,8 +129,8 @@ def no_mask(q, k):
 
 
 def kv_cache(x, weights: Weights, prefix: str, dtype: torch.dtype):
-    """K or V as the cache stores it, which attention then reads: as computed, or through a quantized KV cache's
-    Q/DQ (quantization.kv_cache_entry)."""
+    """The new tokens' K or V as the cache stores them: as computed, or through a quantized KV cache's Q/DQ
+    (quantization.kv_cache_entry)."""
     if isinstance(weights, QuantizedWeights) and weights.mode.kv is not None:
         return kv_cache_entry(x, weights, prefix, dtype)
     return x

@@ -157,6 +157,7 @@ class GroupwiseInt4:
     """int4_wo's layout: AWQ, groups of GROUP_SIZE input channels, a pre-quant scale on the activations."""
 
     suffixes = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         prequant = awq_input_scale([weight]).to(weight.dtype)  # stored in the weights' dtype, and used as stored
         q, scale = awq_quantize(weight, prequant.float())
@@ -224,7 +225,7 @@ class KvCache:
     largest: float
 
     def stored(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """``x`` as the cache stores it and attention reads it back, in x's dtype (the golden's)."""
+        """``x`` as the cache stores it and a later step reads it back, in x's dtype (the golden's)."""
         scaled = x.float() / torch.tensor(scale, dtype=torch.float32)
         if self.dtype == "int8":
             values = scaled.round().clamp(-128, 127)
@@ -266,8 +267,8 @@ class RoundedCache:
 
 
 def kv_cache_entry(x, weights: QuantizedWeights, prefix: str, dtype: torch.dtype):
-    """K or V [b, kv_heads, s, d] as the quantized cache stores it and attention reads it back: through fp32
-    quantize/dequantize with the layer's scale (TensorRT-LLM's attention converts the cache in fp32)."""
+    """The new tokens' K or V [b, kv_heads, s, d] as the quantized cache stores them and a later step reads them
+    back: quantize/dequantize in fp32, the type of the layer's scale."""
     scale = kv_cache_scale(weights, prefix)
     stored = store_kv(F.cast(x, "float32"), scale, weights.mode.kv.dtype)
     return F.cast(F.dequantize(stored, scale, -1, "float32"), _dtype_name(dtype))
