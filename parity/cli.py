@@ -404,6 +404,8 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
         refuse_unshowable(BUGS[args.inject], args.checks, config, args.quant)
     if args.quant and args.candidate is not None:
         raise UsageError("--quant quantizes the trt_layers port's weights; a --candidate port brings its own")
+    if args.quant and (problem := QUANT_MODES[args.quant].unsupported(config)):
+        raise UsageError(f"--quant {args.quant}: {problem}")
     if args.candidate is None:
         backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
         args.golden_device = _golden_device(args.device, backend.name)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from reference import DeciCoderForCausalLM, modeling
 from reference.inputs import past_names
+from trt_layers.quantization import RoundedCache
 
 from .compare import BLOCK_ELEMENTS, TOLERANCES, TapResult, Tolerance, elements_within, first_failure
 
@@ -421,6 +422,24 @@ def channel_pairs(e: Evidence) -> Iterator[Fit]:
                   "scale", hint, rescaled)
 
 
+def cache_scale(e: Evidence) -> Iterator[Fit]:
+    """A quantized KV cache's new entries stored with the layer's scale missing, or applied as a multiply where
+    the cache holds x / scale (the golden's kv_cache a quantization.RoundedCache)."""
+    source = {"attn.present_k": "attn.k_rot", "attn.present_v": "attn.v"}.get(e.tap)
+    cache = getattr(e.module("self_attn"), "kv_cache", None) if e.layer is not None else None
+    if source not in e.known or not isinstance(cache, RoundedCache):
+        return
+    x = e.known[source].float()  # the new tokens' K or V [b, kv_heads, s, d]
+    past = e.golden[:, :, :e.golden.shape[2] - x.shape[2]]
+    scale = torch.tensor(cache.scale, dtype=torch.float32)
+    hint = ("TensorRT-LLM's cache holds x / kv_cache_scaling_factor (its attention multiplies by the inverse, "
+            "kv_cache_quant_scale) and reads it back times the factor")
+    for finding, stored in (("stored without its kv_cache_scaling_factor (scale 1)", cache.kv.stored(x, 1.0)),
+                            ("stored as x * kv_cache_scaling_factor, where the cache holds x / it",
+                             cache.kv.stored(x * scale * scale, cache.scale))):
+        yield Fit(f"the new tokens' cache entries {finding}", hint, torch.cat([past, stored.to(past.dtype)], dim=2))
+
+
 def kv_groups(e: Evidence) -> Iterator[Fit]:
     """Each KV head repeated for another group size than the config's heads / KV heads (another head count)."""
     present = e.known.get({"attn.k_rep": "attn.present_k", "attn.v_rep": "attn.present_v"}.get(e.tap, ""))
@@ -596,7 +615,7 @@ def overflow(e: Evidence) -> Iterator[Fit]:
 
 HYPOTHESES: dict[str, Hypothesis] = {h.__name__: h for h in (
     other_tap, rope_layout, rope_positions, rope_theta, attention_mask, other_weight, scale, head_order, qkv_layout,
-    channel_pairs, kv_groups, sequence_order, norm_eps, activation, lower_precision, overflow)}
+    channel_pairs, cache_scale, kv_groups, sequence_order, norm_eps, activation, lower_precision, overflow)}
 # The hypotheses that explain a candidate of another shape than the golden's; the others need the same shape.
 RESHAPING = {"kv_groups"}
 

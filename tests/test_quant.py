@@ -8,6 +8,7 @@ each layout's catalog bugs caught at their taps.
 """
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -233,3 +234,10 @@ def test_quant_with_an_external_candidate_is_bad_usage(tmp_path, capsys):
     graph.write_bytes(b"")
     assert main(["locate", "--candidate", str(graph), "--quant", "int8_wo"]) == 2
     assert "--quant quantizes the trt_layers port's weights" in capsys.readouterr().err
+
+
+def test_int4_wo_refuses_an_odd_output_size(tiny_config):
+    """Two output channels a byte: an odd intermediate_size cannot be stored (exit 2 in the command line)."""
+    odd = replace(tiny_config, intermediate_size=367)
+    assert INT4_WO.unsupported(odd) == "INT4 packs two output channels a byte: intermediate_size 367 odd"
+    assert INT4_WO.unsupported(tiny_config) is None and INT8_WO.unsupported(odd) is None

@@ -251,11 +251,11 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("kv_cache_scale_missing", "int8 KV cache written and read without its kv_cache_scaling_factor: K and V "
         "rounded to whole numbers", "trt_layers.quantization:kv_cache_scale", _kv_scale_dropped, "gqa_masked",
         "present_k", Shows(("gqa_masked", "gqa_unmasked", "causal_lm"), quant="int8_kv", why=_CACHE_ONLY),
-        hypothesis="no_known_pattern"),
+        hypothesis="cache_scale"),
     Bug("fp8_kv_scale_multiplied", "fp8 KV cache stored as x * kv_cache_scaling_factor where TensorRT-LLM stores "
         "x / it (the quant scale is its inverse)", "trt_layers.quantization:store_kv", _kv_scale_multiplied,
         "gqa_masked", "present_k", Shows(("gqa_masked", "gqa_unmasked", "causal_lm"), quant="fp8_kv", why=_CACHE_ONLY),
-        hypothesis="no_known_pattern"),
+        hypothesis="cache_scale"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
         hypothesis="other_weight"),

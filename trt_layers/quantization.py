@@ -292,6 +292,15 @@ class QuantMode:
     layout: PerChannelInt8 | GroupwiseInt4 | None  # the weights' (None: full precision)
     kv: KvCache | None = None  # the KV cache's (None: the model dtype)
 
+    def unsupported(self, config) -> str | None:
+        """Why this mode cannot store ``config``'s weights, or None."""
+        if not isinstance(self.layout, GroupwiseInt4):
+            return None
+        outputs = {"the fused QKV": (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim,
+                   "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
+        odd = [f"{name} {size}" for name, size in outputs.items() if size % 2]
+        return f"INT4 packs two output channels a byte: {', '.join(odd)} odd" if odd else None
+
 
 _WEIGHT_MODES = [
     QuantMode("int8_wo", "W8A16", "INT8 weights with a scale per output channel; activations in the model dtype",
