@@ -34,7 +34,7 @@ def _diagnosis(diagnosis: Diagnosis | None) -> dict | None:
 def _golden(report: LocateReport) -> str:
     if report.quant is None:
         return "reference (torch, cpu)"
-    return f"reference (torch, cpu) computing with the {report.quant} weights; full precision sets the budget"
+    return f"reference (torch, cpu) computing as the {report.quant} port must; full precision sets the budget"
 
 
 def _verdict(report: LocateReport) -> str:

@@ -27,6 +27,13 @@ from . import functional as F
 from .quantization import GROUP_SIZE
 
 
+def _linear_inputs(component: str, config: DeciCoderConfig) -> tuple[int, ...]:
+    """The input sizes of the quantized linears ``component`` runs (0 for none)."""
+    attention, mlp = (config.hidden_size,), (config.hidden_size, config.intermediate_size)
+    return {"gqa_masked": attention, "gqa_unmasked": attention, "mlp": mlp}.get(
+        component, attention + mlp if component in ("decoder_layer", "causal_lm") else (0,))
+
+
 @dataclass(frozen=True)
 class Shows:
     """The checks in which a bug can show: its components, and what the case and model must have."""
@@ -39,7 +46,7 @@ class Shows:
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
     quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant using it
-    many_groups: bool = False  # int4_wo: the MLP's down projection spans several groups (intermediate_size > 128)
+    many_groups: bool = False  # int4_wo: a linear of the check takes more inputs than one group (128)
     why: str = ""  # why it shows nowhere else, where that is not plain
 
     def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None) -> bool:
@@ -48,7 +55,7 @@ class Shows:
         return (component in self.components and shape.seq_len >= self.min_seq_len and uses
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
                 and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
-                and (not self.many_groups or config.intermediate_size > GROUP_SIZE)
+                and (not self.many_groups or max(_linear_inputs(component, config)) > GROUP_SIZE)
                 and all(getattr(config, key) != value for key, value in self.harmless_with))
 
     def describe(self) -> str:
@@ -58,7 +65,7 @@ class Shows:
         needs += [f"--past-len + --seq-len >= {self.min_positions}"] if self.min_positions > 1 else []
         needs += ["grouped KV heads (1 < --kv-heads < heads)"] if self.grouped_kv else []
         needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
-        needs += [f"intermediate_size > {GROUP_SIZE} (several INT4 groups)"] if self.many_groups else []
+        needs += [f"a linear of more than {GROUP_SIZE} inputs (several INT4 groups)"] if self.many_groups else []
         needs += [f"--quant {self.quant}"] if self.quant else []
         where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
         return f"{where} ({self.why})" if self.why else where
@@ -244,9 +251,9 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         "gate", Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="int4_wo"), hypothesis="channel_pairs"),
     Bug("int4_scales_reshaped", "int4_wo group scales [out, groups] reshaped to [groups, out] where they need a "
         "transpose: the scales land on the wrong groups and channels", "trt_layers.quantization:group_scales_engine",
-        _scales_reshaped, "mlp", "down", Shows(("mlp", *_LAYER), many_groups=True, quant="int4_wo",
-                                               why="with one group a linear's [out, 1] reshapes as it transposes: "
-                                                   "tiny's attention and gate/up take 128 inputs, one group"),
+        _scales_reshaped, "mlp", "down",
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), many_groups=True, quant="int4_wo",
+              why="with one group a linear's [out, 1] reshapes as it transposes: tiny's attention takes 128 inputs"),
         hypothesis="no_known_pattern"),
     Bug("kv_cache_scale_missing", "int8 KV cache written and read without its kv_cache_scaling_factor: K and V "
         "rounded to whole numbers", "trt_layers.quantization:kv_cache_scale", _kv_scale_dropped, "gqa_masked",
