@@ -403,7 +403,8 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     if args.inject:
         refuse_unshowable(BUGS[args.inject], args.checks, config, args.quant)
     if args.quant and args.candidate is not None:
-        raise UsageError("--quant quantizes the trt_layers port's weights or KV cache; a --candidate port brings its own")
+        raise UsageError("--quant quantizes the trt_layers port's weights or KV cache; a --candidate port brings "
+                         "its own")
     if args.quant and (problem := QUANT_MODES[args.quant].unsupported(config)):
         raise UsageError(f"--quant {args.quant}: {problem}")
     if args.candidate is None:
