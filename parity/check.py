@@ -17,7 +17,7 @@ from trt_layers.network import Backend, Engine, build_component, to_feed
 
 from .compare import TOLERANCES, TapResult, compare_taps, failure_message, first_failure, format_table
 from .diagnose import Diagnosis, diagnose_check
-from .quantized import TapBudget, admit_rounding, format_budgets, tap_budgets
+from .quantized import TapBudget, admit_rounding, format_budgets, rounds_activations, tap_budgets, teacher_forced
 
 
 class UsageError(ValueError):
@@ -145,16 +145,23 @@ def check_component(component: str, model: DeciCoderForCausalLM, engines: Engine
     Several engines of one component (say, with and without taps marked) share one golden run.
     A check that diverges carries the diagnosis of its first diverging tap (parity.diagnose). With
     ``full_precision`` (``model`` being a quantized golden), each tap is also judged against it, within
-    the quantized golden's own deviation (parity.quantized).
+    the quantized golden's own deviation (parity.quantized). A quantized golden that rounds activations runs
+    after each candidate, teacher-forced on the candidate's linear inputs (parity.quantized.teacher_forced).
     """
     dtype = model.lm_head.weight.dtype
     inputs = make_inputs(component, model.config, shape, dtype)
-    golden = run_component(component, model, on_device(inputs, model))
-    order = component_outputs(component, model.config.num_hidden_layers)
-    full = run_component(component, full_precision, on_device(inputs, full_precision)) if full_precision else None
+    forced = rounds_activations(model)  # the golden runs after each candidate, on its linears' inputs
+    order = component_outputs(component, model.config.num_hidden_layers, linear_inputs=forced)
+    golden = None if forced else run_component(component, model, on_device(inputs, model))
+    full = None
+    if full_precision is not None:
+        full = run_component(component, full_precision, on_device(inputs, full_precision), linear_inputs=forced)
     checks = []
     for engine in engines if isinstance(engines, list) else [engines]:
         candidate = engine.infer(to_feed(inputs))
+        if forced:
+            with teacher_forced(model, component, candidate, TOLERANCES[dtype]):
+                golden = run_component(component, model, on_device(inputs, model), linear_inputs=True)
         admitted = admit_rounding(component, model, golden, candidate, TOLERANCES[dtype])  # a quantized KV cache's
         results = compare_taps(admitted, candidate, TOLERANCES[dtype], order)
         diagnosis = diagnose_check(component, model, on_device(inputs, model), admitted, candidate, results)

@@ -602,7 +602,9 @@ def locate_command(args: argparse.Namespace) -> int:
     print(f"candidate: {backend.description} [{backend.name}: {why}]" + (f", injected bug: {bug.name}" if bug else "")
           + (f", quantized: {quant.name} (TensorRT-LLM {quant.quant_algo})" if quant else ""))
     if quant:
-        print(f"quantized: the golden computes as the {quant.name} port must (verdicts, exit status); full "
+        forced = ("; each of its linears rounds the port's own input where that passes (teacher forcing: fp8 "
+                  "rounds activations)" if quant.layout is not None and quant.layout.rounds_activations else "")
+        print(f"quantized: the golden computes as the {quant.name} port must (verdicts, exit status){forced}; full "
               "precision sets the budget")
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "

@@ -43,7 +43,7 @@ import torch
 from reference import COMPONENTS, PRESETS, DeciCoderConfig, DeciCoderForCausalLM, load_model, random_model
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs, past_names
-from reference.taps import component_outputs, real_outputs
+from reference.taps import LINEAR_INPUT_TAPS, component_outputs, real_outputs
 from trt_layers.bugs import Bug
 from trt_layers.network import Backend, Engine, build_component, numpy_to_torch, refit_layer, to_feed
 
@@ -51,7 +51,7 @@ from .check import (CandidateWeights, CheckResult, build_candidate, check_compon
                     reference_weights)
 from .compare import TOLERANCES, TapJudge, TapResult, compare_taps, first_failure
 from .diagnose import NO_PATTERN, Diagnosis, diagnose_layer, diagnose_model_tap
-from .quantized import TapBudget, admit_rounding, tap_budgets, unquantized_budgets
+from .quantized import TapBudget, admit_rounding, rounds_activations, tap_budgets, teacher_forced, unquantized_budgets
 
 Progress = Callable[[str], None]
 
@@ -171,6 +171,7 @@ class LocateReport:
     bug: str | None = None
     notes: list[str] = field(default_factory=list)
     quant: str | None = None  # the quantization mode of the port's weights (the golden then the quantized one)
+    outputs_marks: tuple[str, ...] = ()  # taps the outputs-only engine marks beside its outputs (linear inputs)
 
     @property
     def first_failure(self) -> TapResult | None:
@@ -207,7 +208,9 @@ class LocateReport:
         if self.outputs_only is not None:
             shipped = first_failure(self.outputs_only)
             verdict = "pass" if shipped is None else f"FAIL at {shipped.name}"
-            lines.append(f"real outputs alone (no taps marked): {verdict}")
+            marks = (f"only the linears' inputs marked ({', '.join(self.outputs_marks)}), which the judge rounds as "
+                     "the port did" if self.outputs_marks else "no taps marked")
+            lines.append(f"real outputs alone ({marks}): {verdict}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -237,6 +240,12 @@ def _of_golden(quant: str | None) -> str:
     return f" of the {quant} quantized golden" if quant else ""
 
 
+def _linear_inputs(model: DeciCoderForCausalLM, component: str) -> tuple[str, ...]:
+    """The taps every engine of ``component`` marks for the judge: its linears' inputs, where the golden rounds
+    activations (parity.quantized.teacher_forced); else none."""
+    return LINEAR_INPUT_TAPS.get(component, ()) if rounds_activations(model) else ()
+
+
 def _bug_context(bug: Bug | None):
     return bug.injected() if bug else contextlib.nullcontext()
 
@@ -255,14 +264,15 @@ def locate(component: str, model: DeciCoderForCausalLM, backend: Backend, shape:
         return _locate_streaming(model, backend, shape, bug, progress or (lambda message: None), weights,
                                  full_precision)
     decode = needs_decode_graph(component, shape)
+    shipped_marks = [*real_outputs(component), *_linear_inputs(model, component)]
     with _bug_context(bug):
-        shipped = build_candidate(component, model, backend, decode, marked=list(real_outputs(component)),
-                                  weights=weights)
+        shipped = build_candidate(component, model, backend, decode, marked=shipped_marks, weights=weights)
         tapped = build_candidate(component, model, backend, decode, weights=weights)
     shipped_check, tapped_check = check_component(component, model, [shipped, tapped], backend.description, shape,
                                                   full_precision)
     outputs_only = [r for r in shipped_check.results if r.name in real_outputs(component)]
-    report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None)  # diagnosed by check_component
+    report = LocateReport(tapped_check, outputs_only, bug=bug.name if bug else None,  # diagnosed by check_component
+                          outputs_marks=tuple(_linear_inputs(model, component)))
     shipped_fails = first_failure(outputs_only) is not None
     tapped_fails = report.first_failure is not None
     if shipped_fails and not tapped_fails:
@@ -354,6 +364,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
     inputs = on_device(inputs, model)
     results: dict[str, TapResult] = {}
     layer_outputs = ("attn.present_k", "attn.present_v", "out")
+    layer_marks = (*layer_outputs, *_linear_inputs(model, "layer"))  # the judge may read the linears' inputs
     detail = diagnosis = None
     budget: list[TapBudget] = []
 
@@ -366,7 +377,7 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
         if engine is not None and engine.refittable:
             refit_layer(engine, weights, dtype, i)
             return engine
-        return build("layer", i, layer_outputs)
+        return build("layer", i, layer_marks)
 
     with torch.no_grad(), _bug_context(bug):
         weights = candidate_weights()
@@ -391,9 +402,10 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
             # arithmetic, not on rounding that the layers before amplified; only the compared tensors
             # are kept (at 2048 tokens one layer's attention scores alone are 512 MiB).
             golden_hidden = _golden_input(candidate_hidden, model)
-            golden = run_layer(model, i, golden_hidden, inputs["position_ids"], past, tuple(layer_outputs))
             engine = layer_engine(engine, i)
             candidate = engine.infer(layer_feed)
+            with teacher_forced(model, "layer", candidate, tolerance, layer=i):  # a golden rounding activations
+                golden = run_layer(model, i, golden_hidden, inputs["position_ids"], past, layer_outputs)
             golden = admit_rounding("layer", model, golden, candidate, tolerance, layer=i)  # a quantized KV cache's
             compared = compare_taps(golden, candidate, tolerance, layer_outputs)
             for r in compared:
@@ -405,8 +417,9 @@ def _locate_streaming(model: DeciCoderForCausalLM, backend: Backend, shape: Case
                            for b in tap_budgets(full, golden, candidate, compared, tolerance)]
                 del full
             if detail is None and first_failure(compared) is not None:  # where inside this layer, and what?
-                golden_taps = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
                 candidate_taps = build("layer", i).infer(layer_feed)
+                with teacher_forced(model, "layer", candidate_taps, tolerance, layer=i):
+                    golden_taps = run_layer(model, i, golden_hidden, inputs["position_ids"], past)
                 golden_taps = admit_rounding("layer", model, golden_taps, candidate_taps, tolerance, layer=i)
                 detail = (i, compare_taps(golden_taps, candidate_taps, tolerance))
                 if not diverged:

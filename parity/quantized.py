@@ -8,12 +8,20 @@
    BUDGET_MARGIN of it, plus the dtype's atol in the row's units (the rounding by which a correct port
    and the quantized golden differ). Each tap reads: matches the quantized golden / within budget /
    beyond budget.
+
+A mode that rounds activations (fp8) rounds each linear's input, and an input a last ulp from a rounding boundary
+rounds either way, a step of 6-12%: a correct port's input differs from the golden's by last ulps, so the golden
+would diverge from it by whole steps spread through a matmul. The judge therefore **teacher-forces** the quantized
+golden (``teacher_forced``): each quantized linear reads the candidate's own input, taken from the candidate's taps,
+wherever that input passes the judge against the golden's; one that does not leaves the golden's, so the
+divergence shows downstream as it would unforced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +29,10 @@ import torch
 
 from reference import DeciCoderForCausalLM
 from trt_layers import weights as weight_mapping
-from trt_layers.quantization import QuantizedWeights, QuantMode, RoundedCache, calibrate_kv_cache
+from trt_layers.network import numpy_to_torch
+from trt_layers.quantization import QuantizedWeights, QuantMode, RoundedCache, calibrate
 
-from .compare import TapResult, Tolerance, row_scale
+from .compare import TapJudge, TapResult, Tolerance, row_scale
 
 BUDGET_MARGIN = 0.10  # beyond the quantized golden's own deviation: what a port may add before it is "beyond budget"
 
@@ -47,8 +56,63 @@ def candidate_weights(model: DeciCoderForCausalLM, mode: QuantMode) -> Callable[
     """The port's weights: ``model``'s, stored as ``mode`` stores them (read when built, so a weight-mapping
     bug injected then applies)."""
     state = model.state_dict()
-    kv_scales = calibrate_kv_cache(model, mode.kv)
-    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode, kv_scales)
+    calibrated = calibrate(model, mode)
+    return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode, calibrated)
+
+
+def _heads_merged(context: torch.Tensor) -> torch.Tensor:
+    return context.transpose(1, 2).flatten(2)  # [b, heads, s, d] -> [b, s, heads * d], o_proj's input
+
+
+_LAYER_INPUTS = {"input_norm": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), None),
+                 "attn.context": (("self_attn.o_proj",), _heads_merged),
+                 "post_norm": (("mlp.gate_proj", "mlp.up_proj"), None),
+                 "mlp.act": (("mlp.down_proj",), None)}
+# Where a component's taps hold a quantized linear's input: tap -> (the decoder layer's modules reading it, the
+# tap's layout -> the linear's). A component's own input needs none: both sides read the same. The taps are
+# reference.taps.LINEAR_INPUT_TAPS.
+LINEAR_INPUTS = {"gqa_masked": {"context": _LAYER_INPUTS["attn.context"]},
+                 "gqa_unmasked": {"context": _LAYER_INPUTS["attn.context"]},
+                 "mlp": {"act": _LAYER_INPUTS["mlp.act"]},
+                 "decoder_layer": _LAYER_INPUTS, "layer": _LAYER_INPUTS}
+
+
+def rounds_activations(model: DeciCoderForCausalLM) -> bool:
+    """Whether ``model`` is a quantized golden whose mode rounds the linears' inputs (then teacher_forced)."""
+    mode = getattr(model, "quant_mode", None)
+    return mode is not None and mode.layout is not None and mode.layout.rounds_activations
+
+
+def _picker(candidate_input: torch.Tensor, tolerance: Tolerance) -> Callable[[torch.Tensor], torch.Tensor]:
+    def pick(golden_input: torch.Tensor) -> torch.Tensor:
+        if golden_input.shape != candidate_input.shape:
+            return golden_input
+        judge = TapJudge("input", tuple(golden_input.shape), tolerance)
+        judge.add(golden_input, candidate_input)
+        return candidate_input if judge.result().passed else golden_input
+    return pick
+
+
+@contextlib.contextmanager
+def teacher_forced(golden: DeciCoderForCausalLM, component: str, candidate: Mapping[str, object],
+                   tolerance: Tolerance, layer: int = 0) -> Iterator[None]:
+    """Within, a golden that rounds activations (rounds_activations) runs each quantized linear of decoder layer
+    ``layer`` on the candidate's own input (``component``'s taps, LINEAR_INPUTS) wherever it passes the judge
+    against the golden's own input there; elsewhere, and for any other golden, nothing changes."""
+    if not rounds_activations(golden):
+        yield
+        return
+    decoder_layer, weight = golden.model.layers[layer], golden.lm_head.weight
+    for tap, (paths, to_input) in LINEAR_INPUTS.get(component, {}).items():
+        if tap in candidate:
+            value = candidate[tap] if isinstance(candidate[tap], torch.Tensor) else numpy_to_torch(candidate[tap])
+            value = value.to(weight.device, weight.dtype)
+            pick = _picker(value if to_input is None else to_input(value), tolerance)
+            golden.forced_inputs.update((decoder_layer.get_submodule(path), pick) for path in paths)
+    try:
+        yield
+    finally:
+        golden.forced_inputs.clear()
 
 
 def admit_cache_rounding(golden: dict[str, object], candidate: Mapping[str, object], attention: torch.nn.Module,

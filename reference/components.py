@@ -7,14 +7,16 @@ import torch
 from . import modeling
 from .inputs import Inputs, past_names
 from .modeling import DeciCoderForCausalLM, decode_mask
-from .taps import LAYER_TAPS, capture_taps, causal_lm_taps, component_outputs, component_taps
+from .taps import LAYER_TAPS, capture_taps, causal_lm_taps, component_outputs
 
 Taps = dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, layer_idx: int = 0) -> Taps:
-    """Taps of ``component`` in execution order; single-layer components use layer ``layer_idx``."""
+def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, layer_idx: int = 0,
+                  linear_inputs: bool = False) -> Taps:
+    """Taps of ``component`` in execution order; single-layer components use layer ``layer_idx``; with
+    ``linear_inputs``, the taps holding its quantized linears' inputs too (taps.LINEAR_INPUT_TAPS)."""
     layer = model.model.layers[layer_idx]
     attn = layer.self_attn
     if component == "repeat_kv":
@@ -39,7 +41,7 @@ def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, l
     if component not in run:
         raise ValueError(f"unknown component {component!r}")
     module, forward = run[component]
-    with capture_taps(module, component_taps(component)) as taps:
+    with capture_taps(module, component_outputs(component, linear_inputs=linear_inputs)) as taps:
         forward()
     return taps
 

@@ -44,6 +44,16 @@ LAYER_TAPS = ("input_norm", *(f"attn.{t}" for t in _GQA_TAPS), "attn_out", "resi
               *(f"mlp.{t}" for t in COMPONENT_TAPS["mlp"]), "mlp_out", "out")
 
 
+# The taps holding each quantized linear's input, by component (the streamed model's decoder-layer piece: "layer"):
+# a mode that rounds activations (fp8) marks them in every engine, so that the judge can round the port's own input
+# (parity.quantized.teacher_forced). decoder_layer then emits attn.context and mlp.act beside its own taps.
+LINEAR_INPUT_TAPS: dict[str, tuple[str, ...]] = {
+    "gqa_masked": ("context",), "gqa_unmasked": ("context",), "mlp": ("act",),
+    "decoder_layer": ("input_norm", "attn.context", "post_norm", "mlp.act"),
+    "layer": ("input_norm", "attn.context", "post_norm", "mlp.act"),
+}
+
+
 def causal_lm_taps(num_layers: int) -> tuple[str, ...]:
     return ("embed", *(f"layer_{i}.out" for i in range(num_layers)), "final_norm", "logits")
 
@@ -66,10 +76,13 @@ def real_outputs(component: str, num_layers: int | None = None) -> tuple[str, ..
     return REAL_OUTPUTS[component]
 
 
-def component_outputs(component: str, num_layers: int | None = None) -> tuple[str, ...]:
+def component_outputs(component: str, num_layers: int | None = None, linear_inputs: bool = False) -> tuple[str, ...]:
     """Everything a component's graph emits, in execution order: its taps and, for the whole
-    model, each layer's present K/V (which a decode step feeds back) before that layer's output."""
+    model, each layer's present K/V (which a decode step feeds back) before that layer's output;
+    with ``linear_inputs``, the taps holding its quantized linears' inputs too (LINEAR_INPUT_TAPS)."""
     taps = component_taps(component, num_layers)
+    if component == "decoder_layer" and linear_inputs:
+        return tuple(t for t in LAYER_TAPS if t in taps or t in LINEAR_INPUT_TAPS[component])
     if component != "causal_lm":
         return taps
     layers = (name for i in range(num_layers) for name in (f"layer_{i}.present_k", f"layer_{i}.present_v",

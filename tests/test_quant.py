@@ -1,12 +1,14 @@
 """Quantized ports (trt_layers.quantization): TensorRT-LLM's quantized checkpoint layout, read back through
 dequantize, judged against the quantized golden (the reference computing with the weights the layout stores).
 
-int8_wo and int4_wo: each layout's names, shapes, dtypes and values (TensorRT-LLM's symmetric_quantize,
-ModelOpt's AWQ export), the port passing against the quantized golden (every component, the streamed model,
-prefill and decode, fp32 and fp16, GQA and tiny-variant's layout) while diverging from full precision, and
-each layout's catalog bugs caught at their taps.
+int8_wo, int4_wo and fp8: each layout's names, shapes, dtypes and values (TensorRT-LLM's symmetric_quantize,
+ModelOpt's AWQ and fp8 exports), the port passing against the quantized golden (every component, the streamed
+model, prefill and decode, fp32 and fp16, GQA and tiny-variant's layout) while diverging from full precision, and
+each layout's catalog bugs caught at their taps. fp8 rounds activations too: the judge teacher-forces the golden
+on the port's linear inputs, without which a correct fp16 port fails.
 """
 
+import contextlib
 import json
 from dataclasses import replace
 from types import SimpleNamespace
@@ -17,14 +19,16 @@ import torch
 from parity.cli import main
 from parity.locate import locate, plan_checks
 from parity.compare import TOLERANCES
-from parity.quantized import BUDGET_MARGIN, admit_cache_rounding, candidate_weights
-from reference.inputs import CaseShape
+from parity import locate as locate_module
+from parity.quantized import BUDGET_MARGIN, admit_cache_rounding, candidate_weights, teacher_forced
+from reference.components import run_component
+from reference.inputs import CaseShape, make_inputs
 from trt_layers.bugs import BUGS
 from trt_layers.network import OnnxBackend
-from trt_layers.quantization import (GROUP_SIZE, MODES, RoundedCache, awq_input_scale, awq_quantize, pack_int4,
-                                     quantized_golden, symmetric_quantize, unpack_int4)
+from trt_layers.quantization import (GROUP_SIZE, MODES, RoundedCache, awq_input_scale, awq_quantize, fp8_values,
+                                     pack_int4, quantized_golden, symmetric_quantize, unpack_int4)
 
-INT8_WO, INT4_WO = MODES["int8_wo"], MODES["int4_wo"]
+INT8_WO, INT4_WO, FP8 = MODES["int8_wo"], MODES["int4_wo"], MODES["fp8"]
 
 
 def test_symmetric_quantize_is_tensorrt_llms():
@@ -98,6 +102,60 @@ def test_int4_wo_layout_is_the_checkpoints(reference_model, dtype):
             "prequant_scaling_factor": (dtype, (in_features,))}, linear
     assert weights["lm_head.weight"].dtype == dtype and f"{layer}mlp.fc.per_channel_scale" not in weights
 
+
+def test_fp8_values_are_iquantizelayers():
+    """x / scale in fp32, rounded half to even to e4m3 (3 mantissa bits), saturated at 448."""
+    x = torch.tensor([1.0625, 1.1875, -500.0, 0.001, 2.25])
+    assert fp8_values(x, torch.tensor([0.5])).float().tolist() == [2.0, 2.5, -448.0, 0.001953125, 4.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fp8_layout_is_the_checkpoints(reference_model, dtype):
+    """weight e4m3 [out, in]; weights_scaling_factor and activation_scaling_factor [1] fp32 (FP8Linear's), the fused
+    QKV's over q, k and v; the embedding and lm_head stay as they are."""
+    model = reference_model("kvheads2", dtype)
+    weights = candidate_weights(model, FP8)()
+    layer = "transformer.layers.1."
+    for linear, module in [("attention.qkv", None), ("attention.dense", "self_attn.o_proj"),
+                           ("mlp.fc", "mlp.gate_proj"), ("mlp.gate", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")]:
+        weight, scale = weights[f"{layer}{linear}.weight"], weights[f"{layer}{linear}.weights_scaling_factor"]
+        input_scale = weights[f"{layer}{linear}.activation_scaling_factor"]
+        assert (weight.dtype, scale.dtype, tuple(scale.shape), input_scale.dtype, tuple(input_scale.shape)) == (
+            torch.float8_e4m3fn, torch.float32, (1,), torch.float32, (1,)), linear
+        if module is not None:
+            full = model.model.layers[1].get_submodule(module).weight
+            assert weight.shape == full.shape and torch.equal(scale, full.float().abs().amax().reshape(1) / 448)
+    attention = model.model.layers[1].self_attn
+    fused = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    assert torch.equal(weights[f"{layer}attention.qkv.weights_scaling_factor"],
+                       fused.float().abs().amax().reshape(1) / 448)
+    assert weights["lm_head.weight"].dtype == dtype and weights["transformer.vocab_embedding.weight"].dtype == dtype
+
+
+def test_fp8_golden_forces_only_a_passing_input(tiny_model):
+    """Teacher forcing: mlp.down_proj reads the candidate's act where it passes against the golden's (a last-ulp
+    change, rounded there as the port rounds it) and its own where it does not."""
+    golden = quantized_golden(tiny_model, FP8)
+    inputs = make_inputs("mlp", tiny_model.config, CaseShape(batch=2, seq_len=7), torch.float32)
+    own = run_component("mlp", golden, inputs)
+    down_proj = golden.model.layers[0].mlp.down_proj
+    for offset, forced in [(1e-6, True), (1.0, False)]:
+        act = own["act"] + offset
+        with teacher_forced(golden, "mlp", {"act": act}, TOLERANCES[torch.float32]):
+            down = run_component("mlp", golden, inputs)["down"]
+        assert torch.equal(down, down_proj(act if forced else own["act"])), offset
+    assert not golden.forced_inputs
+
+
+def test_fp8_fp16_port_fails_without_teacher_forcing(reference_model, monkeypatch):
+    """A correct fp16 port: its linear inputs differ from the golden's in last ulps, some on an e4m3 rounding
+    boundary; rounded on the golden's own inputs, the golden is a whole step off there (seed 0: layer 0's out)."""
+    model = reference_model("kvheads2", torch.float16)
+    golden, shape = quantized_golden(model, FP8), CaseShape(batch=2, seq_len=7)
+    assert locate("causal_lm", golden, OnnxBackend(), shape, weights=candidate_weights(model, FP8)).exit_code == 0
+    monkeypatch.setattr(locate_module, "teacher_forced", lambda *args, **kwargs: contextlib.nullcontext())
+    report = locate("causal_lm", golden, OnnxBackend(), shape, weights=candidate_weights(model, FP8))
+    assert report.exit_code == 1, report.text()
 
 CHECKS = plan_checks(None, None, batch=2, seq_len=7, past_len=None)
 

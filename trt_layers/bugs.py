@@ -193,6 +193,12 @@ def _kv_scale_multiplied(original):
     return store_kv
 
 
+def _input_scale_multiplied(original):
+    def quantize_input(x, scale):
+        return original(x * scale * scale, scale)  # quantizes x * scale where x / scale belongs
+    return quantize_input
+
+
 def _scale_dropped(original):
     def dequantize_weight(q, scale, dtype):
         return F.cast(q, str(dtype).removeprefix("torch.")).transpose(0, 1)  # the int8 values, never scaled
@@ -263,6 +269,10 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         "x / it (the quant scale is its inverse)", "trt_layers.quantization:store_kv", _kv_scale_multiplied,
         "gqa_masked", "present_k", Shows(("gqa_masked", "gqa_unmasked", "causal_lm"), quant="fp8_kv", why=_CACHE_ONLY),
         hypothesis="cache_scale"),
+    Bug("fp8_input_scale_multiplied", "fp8 linear inputs quantized as x * activation_scaling_factor where "
+        "TensorRT-LLM quantizes x / it (the quant scale is its inverse)", "trt_layers.quantization:quantize_input",
+        _input_scale_multiplied, "mlp", "gate", Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="fp8"),
+        hypothesis="no_known_pattern"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
         hypothesis="other_weight"),

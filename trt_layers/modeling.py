@@ -16,7 +16,7 @@ import torch
 
 from reference import COMPONENT_TAPS, DeciCoderConfig
 from reference.inputs import past_names
-from reference.taps import LAYER_TAPS
+from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
 from .quantization import QuantizedWeights, kv_cache_entry, quantized_dense
@@ -230,7 +230,9 @@ def decoder_layer(hidden_states, position_ids, weights: Weights, i: int, config:
 def decoder_layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
     taps = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
-    return {name: taps[name] for name in COMPONENT_TAPS["decoder_layer"]}
+    # A port that rounds its linears' inputs emits them too (the judge rounds the port's own: LINEAR_INPUT_TAPS).
+    linear_inputs = getattr(weights, "rounds_activations", False)
+    return {name: taps[name] for name in component_outputs("decoder_layer", linear_inputs=linear_inputs)}
 
 
 def embed(input_ids, weights: Weights, dtype):
