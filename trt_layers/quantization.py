@@ -261,7 +261,7 @@ class PerTensorFp8:
             return fp8_dequantized(fp8_values(weight, scale), scale.to(weight.dtype), weight.dtype)
 
         def input_rounded(x: torch.Tensor) -> torch.Tensor:
-            x_scale = activation_scale.to(x.dtype)  # the port casts the fp32 scale to the model dtype first
+            x_scale = activation_scale.to(x.device, x.dtype)  # the port casts the fp32 scale to the model dtype first
             return fp8_dequantized(fp8_values(x, x_scale), x_scale, x.dtype)
 
         return dequantized, input_rounded
