@@ -28,6 +28,8 @@ from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend, largest_activation_bytes
 from trt_layers.quantization import MODES as QUANT_MODES
 from trt_layers.quantization import QuantMode, quantized_golden
+from trt_layers.ranks import RankPool
+from trt_layers.tensor_parallel import unsupported as tensor_parallel_unsupported
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
 from .check import CandidateBackend, CandidateError, CheckResult, UsageError
@@ -37,6 +39,7 @@ from .locate import (DECODE, PREFILL, Check, LocateReport, load_model_as, locate
                      refuse_unshowable, summary)
 from .quantized import candidate_weights
 from .report import write_json, write_markdown, write_plot
+from .tensor_parallel import TP_COMPONENTS, check_tp, stream_tp
 
 DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
 SIGPIPE_EXIT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
@@ -130,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "budget; " + "; ".join(f"{m.name}: {m.description}" for m in QUANT_MODES.values()
                                                      if "+" not in m.name)
                               + "; a weight mode and a KV cache mode together: int8_wo+int8_kv, int4_wo+fp8_kv, ...")
+    locator.add_argument("--tp", type=_positive, default=1, metavar="N",
+                         help="split the port across N tensor-parallel ranks as TensorRT-LLM 1.2's LLaMA does (one "
+                              "process a rank on the onnx backend, collectives by torch.distributed's gloo) and judge "
+                              "each rank against its slice of the golden; checks the components a rank splits "
+                              f"({', '.join(TP_COMPONENTS)}) and causal_lm; default: 1")
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
@@ -400,8 +408,10 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
             else f"--seq-len + the decode checks' {most_cached} cached tokens (--past-len)")
     _check_context(args.seq_len + most_cached, what, config)
     _check_memory(args.batch, args.seq_len, most_cached, config, args.dtype)
+    if args.tp > 1:
+        _validate_tp(args, config)
     if args.inject:
-        refuse_unshowable(BUGS[args.inject], args.checks, config, args.quant)
+        refuse_unshowable(BUGS[args.inject], args.checks, config, args.quant, args.tp)
     if args.quant and args.candidate is not None:
         raise UsageError("--quant quantizes the trt_layers port's weights or KV cache; a --candidate port brings "
                          "its own")
@@ -422,6 +432,27 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
         if args.candidate is not None and _part_of(path, args.candidate, args.tap_map):
             raise UsageError(f"{option} {path}: would overwrite the candidate or its tap map")
         check_output_file(option, path, ".png" if option == "--plot" else None)
+
+
+def _validate_tp(args: argparse.Namespace, config: DeciCoderConfig) -> None:
+    """--tp N > 1: what the rank processes can run, checked before any model is built."""
+    for option, given in (("--candidate", args.candidate), ("--quant", args.quant),
+                          ("--json, --markdown or --plot", args.json or args.markdown or args.plot)):
+        if given:
+            raise UsageError(f"--tp {args.tp} with {option}: not supported (a tensor-parallel check runs the "
+                             "trt_layers port and reports in text)")
+    if args.backend == "trtllm":
+        raise UsageError(f"--tp {args.tp}: its ranks run on the onnx backend here (a TensorRT-LLM engine of "
+                         f"{args.tp} ranks needs {args.tp} GPUs and NCCL): use --backend onnx")
+    if args.dtype == "bf16":
+        raise UsageError(f"--tp {args.tp} --dtype bf16: the ranks run on the onnx backend, whose CPU has no bf16")
+    if (problem := tensor_parallel_unsupported(config, args.tp)) is not None:
+        raise UsageError(f"--tp {args.tp}: {problem}")
+    split = [check for check in args.checks if check.component in (*TP_COMPONENTS, "causal_lm")]
+    if not split:
+        raise UsageError(f"--tp {args.tp}: {args.component} holds no weight a rank splits (every rank runs it "
+                         f"whole); tensor-parallel checks: {', '.join(TP_COMPONENTS)}, causal_lm")
+    args.checks = split
 
 
 def _validate_export(args: argparse.Namespace, config: DeciCoderConfig) -> None:
@@ -584,9 +615,48 @@ def locate_external(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def locate_tp_command(args: argparse.Namespace) -> int:
+    """--tp N: every planned check on N rank processes, each rank judged against its slice of the golden."""
+    checks, config, dtype = args.checks, args.config, resolve_dtype(args.dtype)
+    started = time.perf_counter()
+    model = load_model_as(args.model, config, dtype, args.seed)
+    print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
+    print(f"candidate: trt_layers on {args.tp} tensor-parallel ranks (TensorRT-LLM 1.2's LLaMA split), each "
+          "lowered to ONNX and run by onnxruntime in its own process, cut at its collectives, which "
+          f"torch.distributed (gloo) runs" + (f", injected bug: {args.inject}" if args.inject else ""))
+    tolerance = TOLERANCES[dtype]
+    print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "
+          f"{tolerance.rtol:g} x |golden| ({tolerance.why})")
+    results = []
+    with RankPool(args.tp) as pool:
+        for check in checks:
+            if check.component == "causal_lm":
+                result = stream_tp(model, pool, check.shape, args.inject, _progress)
+            else:
+                result = check_tp(check.component, model, pool, check.shape, args.inject)
+            results.append(result)
+            print(f"\n{result.table()}")
+    failed = [(check, result) for check, result in zip(checks, results) if result.exit_code]
+    width = max(len(check.label) for check in checks)
+    for check, result in zip(checks, results):
+        print(f"  {check.label:<{width}}  {result.verdict()}")
+    elapsed = f"({time.perf_counter() - started:.1f} s)"
+    if failed:
+        check, result = failed[0]
+        print(f"DIVERGED: {len(failed)} of {len(checks)} checks at TP {args.tp}; first: {check.label} "
+              f"{result.verdict().removeprefix('FAIL ')} {elapsed}")
+        return 1
+    taps = sum(len(rank.results) for result in results for rank in result.ranks)
+    checked = f"{len(checks)} checks" if len(checks) > 1 else checks[0].label
+    print(f"PASSED: {checked} at TP {args.tp}, {taps} rank taps within {args.dtype} tolerance {elapsed}")
+    return 0
+
+
 def locate_command(args: argparse.Namespace) -> int:
     if args.candidate is not None:
         return locate_external(args)
+    if args.tp > 1:
+        return locate_tp_command(args)
     checks, config = args.checks, args.config
     bug = BUGS[args.inject] if args.inject else None
     dtype = resolve_dtype(args.dtype)

@@ -118,21 +118,26 @@ def _past_len(component: str, phase: str, past_len: int | None, suite: bool = Fa
     return past_len
 
 
-def refuse_unshowable(bug: Bug, checks: list[Check], config: DeciCoderConfig, quant: str | None = None) -> None:
-    """ValueError unless ``bug`` can show in one of ``checks`` (with weights quantized as ``quant``): a PASS there
-    would check nothing."""
-    if any(bug.shows.allows(check.component, check.shape, config, quant) for check in checks):
+def refuse_unshowable(bug: Bug, checks: list[Check], config: DeciCoderConfig, quant: str | None = None,
+                      tp: int = 1) -> None:
+    """ValueError unless ``bug`` can show in one of ``checks`` (with weights quantized as ``quant``, split across
+    ``tp`` ranks): a PASS there would check nothing."""
+    if any(bug.shows.allows(check.component, check.shape, config, quant, tp) for check in checks):
         return
     past_len = max(check.shape.past_len for check in checks)
     ran = checks[0].label if len(checks) == 1 else f"any of the {len(checks)} checks"
     message = (f"--inject {bug.name} cannot show in {ran} (--seq-len {checks[0].shape.seq_len}, --past-len {past_len}, "
                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, rms_norm_eps "
                f"{config.rms_norm_eps:g}): it shows in {bug.shows.describe()}")
+    if bug.shows.tp and tp == 1:
+        raise ValueError(f"--inject {bug.name} misreads tensor parallelism: it shows only with --tp N (N > 1), in "
+                         f"{bug.shows.describe()}, e.g. --component {bug.component} --tp {bug.tp_size}")
     if bug.shows.quant is not None and quant is None:
         raise ValueError(f"--inject {bug.name} misreads the {bug.shows.quant} weight layout: it shows only in "
                          f"locate --quant {bug.shows.quant}, in {bug.shows.describe()}")
-    if bug.shows.allows(bug.component, bug.shape, config, bug.shows.quant):
+    if bug.shows.allows(bug.component, bug.shape, config, bug.shows.quant, bug.tp_size):
         message += f", e.g. --component {bug.component} --seq-len {bug.shape.seq_len} --past-len {bug.shape.past_len}"
+        message += f" --tp {bug.tp_size}" if bug.tp_size > 1 else ""
         message += f" --quant {bug.shows.quant}" if bug.shows.quant else ""
     raise ValueError(message)
 

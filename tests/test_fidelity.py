@@ -802,6 +802,14 @@ REFUSED: list[Refusal] = [
                               ("__matmul__", lambda i: i["x"] @ i["x"]), ("__len__", lambda i: len(i["x"])),
                               ("__iter__", lambda i: list(i["x"])), ("__abs__", lambda i: abs(i["x"])),
                               ("__and__", lambda i: (i["x"] > 0) & (i["x"] > 0)))),
+    # Collectives: what they compute is held to torch.distributed across rank processes (tests/test_tp.py).
+    Refusal("allreduce: a fused norm, residual or another strategy (all_reduce_params) is not mirrored", F32,
+            lambda i: L.allreduce(i["x"], [0, 1], all_reduce_params=object()), NotImplementedError,
+            "all_reduce_params"),
+    Refusal("allreduce: the AllReduce plugin reduces float types", I32, lambda i: L.allreduce(i["n"], [0, 1]),
+            TypeError, "int32"),
+    Refusal("allgather: a group lists distinct ranks", F32, lambda i: L.allgather(i["x"], [0, 0]), ValueError,
+            "distinct"),
 ]
 
 

@@ -47,12 +47,16 @@ class Shows:
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
     quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant using it
     many_groups: bool = False  # int4_wo: a linear of the check takes more inputs than one group (128)
+    tp: bool = False  # misreads tensor parallelism: shows only where ranks split the model (--tp N, N > 1)
+    kv_duplicated: bool = False  # shows only where TP exceeds the KV heads (each KV head duplicated onto ranks)
     why: str = ""  # why it shows nowhere else, where that is not plain
 
-    def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None) -> bool:
+    def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None,
+               tp: int = 1) -> bool:
         kv_heads = config.num_key_value_heads
         uses = self.quant is None or self.quant in (quant or "").split("+")  # int4_wo+int8_kv uses int8_kv
-        return (component in self.components and shape.seq_len >= self.min_seq_len and uses
+        split = (not self.tp or tp > 1) and (not self.kv_duplicated or tp > kv_heads)
+        return (component in self.components and shape.seq_len >= self.min_seq_len and uses and split
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
                 and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
                 and (not self.many_groups or max(_linear_inputs(component, config)) > GROUP_SIZE)
@@ -67,6 +71,8 @@ class Shows:
         needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
         needs += [f"a linear of more than {GROUP_SIZE} inputs (several INT4 groups)"] if self.many_groups else []
         needs += [f"--quant {self.quant}"] if self.quant else []
+        needs += ["--tp N, N > 1"] if self.tp and not self.kv_duplicated else []
+        needs += ["--tp N beyond the KV heads"] if self.kv_duplicated else []
         where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
         return f"{where} ({self.why})" if self.why else where
 
@@ -81,6 +87,8 @@ class Bug:
     first_tap: str  # where that check must report the first divergence
     shows: Shows  # every check that can catch it
     shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case of ``component`` that exposes it (GQA, 2 KV heads)
+    tp_size: int = 1  # the tensor-parallel size of that case
+    first_rank: int = 0  # the rank where that case's first divergence is reported
     # The parity.diagnose hypothesis that must explain it at first_tap ("no_known_pattern" where none does).
     hypothesis: str = field(kw_only=True)
 
@@ -199,6 +207,52 @@ def _input_scale_multiplied(original):
     return quantize_input
 
 
+def _row_split_as_column(original):
+    def split(name, weight, config, mapping):
+        if mapping.tp_size > 1 and name.endswith("attention.dense.weight"):
+            # The rank's output rows (a column-parallel split) in the row-parallel [hidden, hidden / tp] shape.
+            return weight.chunk(mapping.tp_size, dim=0)[mapping.rank].reshape(weight.shape[0], -1)
+        return original(name, weight, config, mapping)
+    return split
+
+
+def _kv_heads_tiled(original):
+    def kv_duplicated(weight, kv_heads, head_dim, tp_size):
+        if kv_heads >= tp_size:
+            return weight
+        heads = weight.reshape(kv_heads, head_dim, -1)
+        return heads.repeat(tp_size // kv_heads, 1, 1).reshape(-1, weight.shape[-1])  # rank r: head r mod n
+    return kv_duplicated
+
+
+def _fused_qkv_sliced(original):
+    def split_qkv(qkv, config, mapping):
+        return qkv.chunk(mapping.tp_size)[mapping.rank]  # a slice of the fused rows, not each part's
+    return split_qkv
+
+
+def _no_allreduce(original):
+    def summed_over_ranks(partial, mapping):
+        return partial
+    return summed_over_ranks
+
+
+def _allreduce_twice(original):
+    def summed_over_ranks(partial, mapping):
+        return original(original(partial, mapping), mapping)
+    return summed_over_ranks
+
+
+def _logits_reversed(original):
+    def gathered_logits(logits, mapping, config):
+        gathered = F.allgather(logits, mapping.group, gather_dim=-1)
+        chunks = F.split(gathered, logits.shape[-1], dim=2)  # one per rank
+        reordered = F.concat(chunks[::-1], dim=2)  # rank tp-1's vocabulary first
+        padding = reordered.shape[-1] - config.vocab_size
+        return F.split(reordered, [config.vocab_size, padding], dim=2)[0] if padding else reordered
+    return gathered_logits
+
+
 def _scale_dropped(original):
     def dequantize_weight(q, scale, dtype):
         return F.cast(q, str(dtype).removeprefix("torch.")).transpose(0, 1)  # the int8 values, never scaled
@@ -209,6 +263,7 @@ _DECODE = CaseShape(batch=2, seq_len=7, past_len=5)
 _ROPE = ("rope", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")  # checks that rotate q and k
 _REPEAT_KV = ("repeat_kv", "gqa_masked", "gqa_unmasked", "decoder_layer", "causal_lm")
 _LAYER = ("decoder_layer", "causal_lm")
+_TP_ATTENTION = ("gqa_masked", "gqa_unmasked", *_LAYER)
 
 BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("rope_interleaved", "GPT-J interleaved rotation (TensorRT-LLM's default rope_gptj) instead of rotate-half",
@@ -272,6 +327,26 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("fp8_input_scale_multiplied", "fp8 linear inputs quantized as x * activation_scaling_factor where "
         "TensorRT-LLM quantizes x / it (the quant scale is its inverse)", "trt_layers.quantization:quantize_input",
         _input_scale_multiplied, "mlp", "gate", Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), quant="fp8"),
+        hypothesis="no_known_pattern"),
+    # Tensor-parallel ports (--tp N): each rank judged against its slice of the golden.
+    Bug("o_proj_column_parallel", "attention dense split by output rows (column-parallel) where TensorRT-LLM's "
+        "RowLinear splits its input columns: harmless at TP 1", "trt_layers.tensor_parallel:split",
+        _row_split_as_column, "gqa_masked", "out", Shows(_TP_ATTENTION, tp=True), tp_size=2,
+        hypothesis="no_known_pattern"),
+    Bug("kv_heads_tiled_across_ranks", "KV heads duplicated in tiled order: rank r takes KV head r mod n instead "
+        "of r div (tp / n)", "trt_layers.tensor_parallel:_kv_duplicated", _kv_heads_tiled, "gqa_masked", "k",
+        Shows(_TP_ATTENTION, tp=True, kv_duplicated=True), tp_size=4, first_rank=1, hypothesis="no_known_pattern"),
+    Bug("qkv_split_fused", "fused QKV split as a slice of the fused rows instead of each of q, k and v per rank",
+        "trt_layers.tensor_parallel:split_qkv", _fused_qkv_sliced, "gqa_masked", "q", Shows(_TP_ATTENTION, tp=True),
+        tp_size=2, first_rank=1, hypothesis="no_known_pattern"),
+    Bug("allreduce_missing", "a row-parallel linear's partial output used without the all-reduce",
+        "trt_layers.modeling:summed_over_ranks", _no_allreduce, "mlp", "down",
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis="no_known_pattern"),
+    Bug("allreduce_twice", "a row-parallel linear's output all-reduced twice (tp times the sum)",
+        "trt_layers.modeling:summed_over_ranks", _allreduce_twice, "mlp", "down",
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis="no_known_pattern"),
+    Bug("logits_gathered_reversed", "lm_head logits gathered in reverse rank order", "trt_layers.modeling:"
+        "gathered_logits", _logits_reversed, "causal_lm", "logits", Shows(("causal_lm",), tp=True), tp_size=2,
         hypothesis="no_known_pattern"),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),

@@ -25,6 +25,8 @@ TENSORRT_LLM_VERSION = "1.2.1"
 # come with the Tensor class.
 VOCABULARY = {
     "RopeEmbeddingUtils": "tensorrt_llm.functional",
+    "allgather": "tensorrt_llm.functional",  # tensor parallelism: a rank's lm_head logits
+    "allreduce": "tensorrt_llm.functional",  # tensor parallelism: row-parallel linears' partial outputs
     "arange": "tensorrt_llm.functional",
     "cast": "tensorrt_llm.functional",
     "concat": "tensorrt_llm.functional",

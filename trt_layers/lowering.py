@@ -168,8 +168,10 @@ class Network:
             else:
                 initializers.append(_numpy_to_tensor_proto(array, name))
         graph = helper.make_graph(self.nodes, self.name, self.inputs + weight_inputs, self.outputs, initializers)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                 producer_name="trt_layers.lowering")
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(node.domain == COLLECTIVES for node in self.nodes):
+            opsets.append(helper.make_opsetid(COLLECTIVES, 1))
+        return helper.make_model(graph, opset_imports=opsets, producer_name="trt_layers.lowering")
 
 
 def _numpy_to_tensor_proto(array: np.ndarray, name: str) -> onnx.TensorProto:
@@ -1130,6 +1132,56 @@ def embedding(input: Tensor, weight: Tensor, tp_size: int = 1, tp_group=None, sh
     if input.dtype not in ("int32", "int64"):
         raise TypeError(f"embedding: indices must be integers, got {input.dtype}")
     return default_net().add_node("Gather", [weight, input], weight.dtype, (*input.shape, *weight.shape[1:]), axis=0)
+
+
+# ---------------------------------------------------------------- collectives
+
+# TensorRT-LLM's collectives are NCCL plugins (AllReduce, AllGather); the lowering marks them as nodes of this
+# domain, which ONNX Runtime cannot run: a rank's graph is cut at them and the collectives run between the pieces
+# (trt_layers.ranks, torch.distributed).
+COLLECTIVES = "trt_layers.collectives"
+
+
+def typed_as_identities(nodes) -> list[onnx.NodeProto]:
+    """``nodes`` with each collective read as an Identity: what ONNX type inference needs to type a rank's graph
+    (a collective keeps its input's element type; allgather's shape is not inferred)."""
+    typed = []
+    for node in nodes:
+        if node.domain == COLLECTIVES:
+            node = helper.make_node("Identity", node.input, node.output, name=node.name)
+        typed.append(node)
+    return typed
+
+
+def _group(op: str, group) -> list[int]:
+    ranks = list(group)
+    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks) \
+            or len(set(ranks)) != len(ranks):
+        raise ValueError(f"{op}: group must list distinct ranks (Mapping.tp_group), got {group!r}")
+    return ranks
+
+
+def allreduce(tensor: Tensor, group, all_reduce_params=None) -> Tensor:
+    """Mirrors functional.allreduce with its default AllReduceParams: the sum of ``tensor`` over the ranks of
+    ``group`` (the AllReduce plugin, NCCL strategy auto, no fusion), every rank getting the whole sum."""
+    if all_reduce_params is not None:
+        raise NotImplementedError("allreduce: all_reduce_params other than the default (a fused norm, residual "
+                                  "or quantization, another strategy) is not mirrored")
+    if tensor.dtype not in _FLOATS:
+        raise TypeError(f"allreduce: a {tensor.dtype} tensor (the plugin reduces float types)")
+    ranks = _group("allreduce", group)
+    return default_net().add_node("AllReduce", [tensor], tensor.dtype, tensor.shape, domain=COLLECTIVES, group=ranks)
+
+
+def allgather(tensor: Tensor, group, gather_dim: int = 0) -> Tensor:
+    """Mirrors functional.allgather: every rank's ``tensor`` of ``group``, concatenated along ``gather_dim`` in
+    rank order (the AllGather plugin gathers along dimension 0; other dimensions are split and concatenated)."""
+    ranks = _group("allgather", group)
+    dim = _resolve_dim(gather_dim, len(tensor.shape), "allgather")
+    shape = list(tensor.shape)
+    shape[dim] = -1 if shape[dim] == -1 else shape[dim] * len(ranks)
+    return default_net().add_node("AllGather", [tensor], tensor.dtype, shape, domain=COLLECTIVES, group=ranks,
+                                  gather_dim=dim)
 
 
 class RopeEmbeddingUtils:

@@ -19,6 +19,7 @@ from reference.inputs import past_names
 from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
+from . import tensor_parallel
 from .quantization import QuantizedWeights, kv_cache_entry, quantized_dense
 from .weights import layer_prefix
 
@@ -40,10 +41,28 @@ def linear(x, weight):
 
 def dense(x, weights: Weights, name: str, dtype: torch.dtype):
     """The linear whose weight is ``name``; one that a quantization mode stores quantized
-    (quantization.QuantizedWeights) computes through its layout's Q/DQ ops."""
+    (quantization.QuantizedWeights) computes through its layout's Q/DQ ops. A rank's row-parallel
+    linear sums its partial output over the ranks (RowLinear's all-reduce)."""
     if isinstance(weights, QuantizedWeights) and weights.is_quantized(name):
         return quantized_dense(x, weights, name, dtype)
-    return linear(x, param(weights, name, dtype))
+    out = linear(x, param(weights, name, dtype))
+    mapping = tensor_parallel.mapping_of(weights)
+    if mapping.tp_size > 1 and name.endswith(tensor_parallel.ROW_PARALLEL):
+        return summed_over_ranks(out, mapping)
+    return out
+
+
+def summed_over_ranks(partial, mapping):
+    """A row-parallel linear's partial output [b, s, out] summed over the ranks (RowLinear's all-reduce)."""
+    return F.allreduce(partial, mapping.group)
+
+
+def gathered_logits(logits, mapping, config: DeciCoderConfig):
+    """A rank's logits [b, s, padded vocab / tp] gathered from every rank in rank order (ColumnLinear's
+    gather_output), the vocabulary's padding dropped: [b, s, vocab]."""
+    logits = F.allgather(logits, mapping.group, gather_dim=-1)  # [b, s, padded vocab]
+    padding = tensor_parallel.padded_vocab(config.vocab_size, mapping.tp_size) - config.vocab_size
+    return F.split(logits, [config.vocab_size, padding], dim=2)[0] if padding else logits
 
 
 def split_heads(x, num_heads: int, head_dim: int):
@@ -151,7 +170,8 @@ def attention_probs(scores, mask):
 
 def attention(hidden_states, position_ids, weights: Weights, prefix: str, config: DeciCoderConfig,
               dtype: torch.dtype, make_mask, past=None) -> Taps:
-    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    heads, kv_heads = tensor_parallel.rank_heads(config, tensor_parallel.mapping_of(weights))  # this rank's
+    d = config.head_dim
     qkv = dense(hidden_states, weights, f"{prefix}attention.qkv.weight", dtype)  # [b, s, (H + 2 KV) d]
     q, k, v = F.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=2)
     taps = {"q": split_heads(q, heads, d), "k": split_heads(k, kv_heads, d), "v": split_heads(v, kv_heads, d)}
@@ -166,7 +186,7 @@ def attention(hidden_states, position_ids, weights: Weights, prefix: str, config
         keys, values = append_kv(past[0], keys), append_kv(past[1], values)
         present_k = keys if present_k is taps["k_rot"] else append_kv(past[0], present_k)
         present_v = values if present_v is taps["v"] else append_kv(past[1], present_v)
-    n_rep = config.num_key_value_groups
+    n_rep = heads // kv_heads
     taps.update(present_k=present_k, present_v=present_v, k_rep=repeat_kv(keys, n_rep), v_rep=repeat_kv(values, n_rep))
     # Scaling q before Q K^T (TensorRT-LLM's norm_before_bmm1) multiplies [b, H, s, d], not the
     # [b, H, s, kv_len] scores: at 2048 tokens, 16 MiB instead of 512 MiB a layer.
@@ -241,7 +261,10 @@ def embed(input_ids, weights: Weights, dtype):
 
 def head(hidden_states, weights: Weights, config: DeciCoderConfig, dtype) -> Taps:
     final_norm = rmsnorm(hidden_states, weights, "transformer.ln_f.weight", config, dtype)
-    return {"final_norm": final_norm, "logits": dense(final_norm, weights, "lm_head.weight", dtype)}
+    logits = dense(final_norm, weights, "lm_head.weight", dtype)  # a rank's: [b, s, padded vocab / tp]
+    if (mapping := tensor_parallel.mapping_of(weights)).tp_size > 1:
+        logits = gathered_logits(logits, mapping, config)
+    return {"final_norm": final_norm, "logits": logits}
 
 
 def causal_lm_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:

@@ -34,7 +34,7 @@ from reference.inputs import CaseShape, past_names
 from reference.taps import LAYER_TAPS, component_outputs
 
 from . import functional as F
-from . import attention_blocks, lowering, onnx_fp16
+from . import attention_blocks, lowering, onnx_fp16, ranks, tensor_parallel
 from .modeling import COMPONENT_GRAPHS, PIECE_GRAPHS
 from .quantization import QuantizedWeights
 from .weights import layer_prefix
@@ -99,10 +99,12 @@ def largest_activation_bytes(config: DeciCoderConfig, profile: Profile, dtype: t
     return max(scores, logits)
 
 
-def input_specs(component: str, config: DeciCoderConfig, dtype: torch.dtype, decode: bool) -> list[InputSpec]:
-    """Graph inputs of ``component``, named as ``reference.inputs.make_inputs`` names them."""
+def input_specs(component: str, config: DeciCoderConfig, dtype: torch.dtype, decode: bool,
+                mapping: tensor_parallel.TpMapping = tensor_parallel.SINGLE) -> list[InputSpec]:
+    """Graph inputs of ``component``, named as ``reference.inputs.make_inputs`` names them; a tensor-parallel
+    rank's cache holds its own KV heads."""
     act = TORCH_TO_TRTLLM_DTYPE[dtype]
-    kv, d = config.num_key_value_heads, config.head_dim
+    kv, d = tensor_parallel.rank_heads(config, mapping)[1], config.head_dim
 
     def heads(name, num_heads, length="seq"):
         return InputSpec(name, act, ("batch", num_heads, length, d))
@@ -421,6 +423,9 @@ class OnnxBackend(Backend):
         # Weights are inputs, not a serialised protobuf: a DeciCoder-1b layer builds in a fraction of
         # the time, graphs past protobuf's 2 GiB still load, and refit swaps them.
         session = functools.partial(self._session, self.session_options())
+        if ranks.has_collectives(model):  # a tensor-parallel rank: its pieces between collectives
+            return ranks.RankEngine(ranks.cut_at_collectives(model), weights, [o.name for o in model.graph.output],
+                                    session)
         return OnnxEngine(OnnxrtRunner(session(model), name="onnx-lowering"), network, weights, lowered, session,
                           fp16=model is not blocks)
 
@@ -521,7 +526,8 @@ def build_component(component: str, config: DeciCoderConfig, weights: dict[str, 
             raise AssertionError(f"{component} emitted {list(taps)}, the registry says {expected}")
         return {name: t if marked is None or name in marked else None for name, t in taps.items()}
 
-    specs = input_specs(component, config, dtype, decode or component == "gqa_unmasked")
+    specs = input_specs(component, config, dtype, decode or component == "gqa_unmasked",
+                        tensor_parallel.mapping_of(weights))
     if static_shapes is not None:
         specs = [replace(spec, dims=tuple(static_shapes[spec.name])) for spec in specs]
     return backend.build(f"{component}_{'decode' if decode else 'prefill'}", specs, graph, config, dtype)

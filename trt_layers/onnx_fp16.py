@@ -22,6 +22,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from . import lowering
+
 FP16, FP32 = TensorProto.FLOAT16, TensorProto.FLOAT
 # How the onnx backend computes fp16, for its description in every report.
 EXECUTION = "fp16 graphs rounded after every op by explicit casts"
@@ -39,8 +41,9 @@ def fp16_values(model: onnx.ModelProto) -> set[str]:
     inputs = {v.name for v in graph.input}
     weights = [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in graph.initializer
                if t.name not in inputs]
-    skeleton = helper.make_model(helper.make_graph(graph.node, graph.name, [*graph.input, *weights], graph.output),
-                                 opset_imports=model.opset_import)
+    opsets = [opset for opset in model.opset_import if opset.domain != lowering.COLLECTIVES]
+    skeleton = helper.make_model(helper.make_graph(lowering.typed_as_identities(graph.node), graph.name,
+                                                   [*graph.input, *weights], graph.output), opset_imports=opsets)
     inferred = onnx.shape_inference.infer_shapes(skeleton).graph
     values = [*inferred.input, *inferred.value_info, *inferred.output]
     typed = {v.name for v in values}
