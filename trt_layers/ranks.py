@@ -103,7 +103,7 @@ def run_collective(node: onnx.NodeProto, array: np.ndarray) -> np.ndarray:
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if list(attributes["group"]) != list(range(dist.get_world_size())):
         raise NotImplementedError(f"{node.op_type}: group {list(attributes['group'])} is not the whole world")
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.array(array))  # a copy: all_reduce sums in place, and the input may be read again
     if node.op_type == "AllReduce":
         dist.all_reduce(tensor)  # sums, as TensorRT-LLM's AllReduce plugin
         return tensor.numpy()
