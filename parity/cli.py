@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     builder.add_argument("--fast-path", action="store_true",
                          help="also write TensorRT-LLM's LLaMA checkpoint of the weights and, with TensorRT-LLM, "
                               "build its engine (GPT attention plugin)")
+    builder.add_argument("--tp", type=_positive, default=1, metavar="N",
+                         help="with --fast-path: split its checkpoint across N tensor-parallel ranks, "
+                              "rank{r}.safetensors each, as TensorRT-LLM's LLaMA conversion does; default: 1")
     _add_out_argument(builder)
 
     generator = commands.add_parser(
@@ -497,6 +500,10 @@ def _validate_build(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     _candidate_backend(args.backend, dtype)
     # A model the fast path's attention plugin cannot build is refused here (ValueError), before anything is written.
     args.fast_path_options = fast_path.build_options(config, dtype) if args.fast_path else None
+    if args.tp > 1 and not args.fast_path:
+        raise UsageError(f"--tp {args.tp} splits the fast path's checkpoint: add --fast-path")
+    if args.tp > 1 and (problem := tensor_parallel_unsupported(config, args.tp)) is not None:
+        raise UsageError(f"--tp {args.tp}: {problem}")
 
 
 COMMAND_CHECKS = {"locate": _validate_locate, "export": _validate_export, "generate": _validate_generate,
@@ -744,14 +751,16 @@ def build_command(args: argparse.Namespace) -> int:
         names = [engines.prefill.save(staging / "prefill").name, engines.decode.save(staging / "decode").name]
         (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
         if args.fast_path:
-            fast_path.write_checkpoint(model, staging / "trtllm_checkpoint")
+            fast_path.write_checkpoint(model, staging / "trtllm_checkpoint", args.tp)
             if skip_reason("trtllm") is None:
-                fast_path.build_engine(staging / "trtllm_checkpoint", staging / "trtllm_engine", args.fast_path_options)
+                fast_path.build_engine(staging / "trtllm_checkpoint", staging / "trtllm_engine", args.fast_path_options,
+                                       args.tp)
     print(f"{backend.description} [{backend.name}: {why}]: wrote {', '.join(str(out / n) for n in names)} "
           f"in {time.perf_counter() - start:.1f} s (outputs: logits and each layer's present K/V)")
     if args.fast_path:
         checkpoint = out / "trtllm_checkpoint"
-        print(f"fast path: TensorRT-LLM LLaMA checkpoint in {checkpoint}")
+        ranks = f", {args.tp} ranks (rank0..{args.tp - 1}.safetensors)" if args.tp > 1 else ""
+        print(f"fast path: TensorRT-LLM LLaMA checkpoint in {checkpoint}{ranks}")
         if skip_reason("trtllm") is None:
             print(f"fast path: TensorRT-LLM engine (GPT attention plugin) in {out / 'trtllm_engine'}")
         else:
@@ -763,8 +772,10 @@ def build_command(args: argparse.Namespace) -> int:
 def list_bugs(args: argparse.Namespace) -> int:
     for bug in BUGS.values():
         print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
-        print(f"{'':<24} shows in {bug.shows.describe()}; diagnosed at its first tap in {bug.component} as "
-              f"{bug.hypothesis}")
+        where = f" at TP {bug.tp_size}, on rank {bug.first_rank}" if bug.tp_size > 1 else ""
+        diagnosis = (f"diagnosed at its first tap in {bug.component} as {bug.hypothesis}" if bug.hypothesis
+                     else f"caught at its first tap in {bug.component}{where} (a TP check is not diagnosed)")
+        print(f"{'':<24} shows in {bug.shows.describe()}; {diagnosis}")
     return 0
 
 

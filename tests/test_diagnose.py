@@ -37,7 +37,7 @@ def _expects(*hypotheses: str) -> None:
 
 # ---------------------------------------------------------------- the catalog
 
-_expects(*(bug.hypothesis for bug in BUGS.values()))
+_expects(*(bug.hypothesis for bug in BUGS.values() if bug.hypothesis is not None))  # TP: not diagnosed
 CATALOG_CASES = [pytest.param(bug, layout, dtype, id=f"{bug.name}-{layout}-{str(dtype)[6:]}")
                  for layout, dtype in (("kvheads2", FP32), ("kvheads2", FP16), ("variant", FP32))
                  for bug in BUGS.values() if bug.shows.allows(bug.component, bug.shape, layout_config(layout))]

@@ -39,7 +39,7 @@ def _failed_checks(out: str) -> dict[str, str]:
 # One suite run per bug takes seconds: rmsnorm_default_eps runs by default (the whole model
 # catches it only through reference.inputs.SCALED_TOKENS), the others with -m slow.
 @pytest.mark.parametrize("bug", [pytest.param(bug, id=bug.name, marks=[] if bug.name == "rmsnorm_default_eps"
-                                              else [pytest.mark.slow]) for bug in BUGS.values()])
+                                              else [pytest.mark.slow]) for bug in BUGS.values() if not bug.shows.tp])
 def test_default_locate_catches_each_catalog_bug_at_its_tap(capsys, bug):
     """Exit 1, the catalog's check names the catalog's tap, and exactly the checks bug.shows allows fail."""
     status, out = locate(capsys, "--inject", bug.name, *_quant(bug))
@@ -75,12 +75,18 @@ def test_whole_model_inputs_hold_rows_where_eps_and_fp16_range_matter(capsys, mo
     assert capsys.readouterr().out.count("DIVERGED: first diverging tap layer_0.present_k") == 2
 
 
-@pytest.mark.parametrize("bug", BUGS.values(), ids=list(BUGS))
+@pytest.mark.parametrize("bug", [pytest.param(bug, id=bug.name, marks=[pytest.mark.slow] if bug.shows.tp else [])
+                                 for bug in BUGS.values()])
 def test_each_catalog_bug_is_localized(capsys, bug):
-    status, out = locate(capsys, "--component", bug.component, "--inject", bug.name, *_quant(bug),
+    """A tensor-parallel bug at its TP size (rank processes take seconds to start: -m slow)."""
+    tp = ["--tp", str(bug.tp_size)] if bug.shows.tp else []
+    status, out = locate(capsys, "--component", bug.component, "--inject", bug.name, *_quant(bug), *tp,
                          "--past-len", str(bug.shape.past_len), "--seq-len", str(bug.shape.seq_len))
     assert status == 1
-    assert f"DIVERGED: first diverging tap {bug.first_tap} " in out
+    if bug.shows.tp:
+        assert f"at {bug.first_tap} on rank {bug.first_rank} (max abs" in out.splitlines()[-1], out
+    else:
+        assert f"DIVERGED: first diverging tap {bug.first_tap} " in out
 
 
 def test_whole_model_names_the_layer_then_the_tap_inside_it(capsys):

@@ -133,7 +133,8 @@ def test_debug_reduce_as_printed_localizes_an_injected_bug_without_the_venv_on_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bug", [b for b in BUGS.values() if b.name != "rope_interleaved" and b.shows.quant is None],
+@pytest.mark.parametrize("bug", [b for b in BUGS.values()
+                                 if b.name != "rope_interleaved" and b.shows.quant is None and not b.shows.tp],
                          ids=lambda b: b.name)
 def test_debug_reduce_localizes_every_catalog_bug(tmp_path, bug):
     out = _export_faulty(tmp_path, bug)

@@ -185,3 +185,47 @@ def test_locate_tp_bad_usage_exits_2(capsys, argv, says):
     assert main(["locate", *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_build_fast_path_tp_writes_a_checkpoint_per_rank(tmp_path, capsys):
+    """rank{r}.safetensors under TP 1's names, each rank's split; config.json maps tp_size ranks (head size 32: the
+    fast path's attention plugin has kernels for it)."""
+    from safetensors.torch import load_file
+
+    from reference import DeciCoderConfig, random_model
+    from reference.configuration import TINY
+
+    model = random_model(DeciCoderConfig.from_dict({**TINY, "num_attention_heads": 4}), seed=0)
+    model.save_pretrained(tmp_path / "model")
+    assert main(["build", "--model", str(tmp_path / "model"), "--fast-path", "--tp", "2", "--out",
+                 str(tmp_path / "out")]) == 0
+    checkpoint = tmp_path / "out" / "trtllm_checkpoint"
+    assert "2 ranks (rank0..1.safetensors)" in capsys.readouterr().out
+    ranks = [load_file(str(checkpoint / f"rank{r}.safetensors")) for r in range(2)]
+    dense = "transformer.layers.0.attention.dense.weight"
+    assert torch.equal(torch.cat([rank[dense] for rank in ranks], dim=1), model.model.layers[0].self_attn.o_proj.weight)
+    assert set(ranks[0]) == set(ranks[1]) and "lm_head.weight" in ranks[1]
+    import json
+    assert json.loads((checkpoint / "config.json").read_text())["mapping"] == {"world_size": 2, "tp_size": 2,
+                                                                               "pp_size": 1}
+    assert main(["build", "--model", str(tmp_path / "model"), "--tp", "2", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", TP_BUGS, ids=lambda bug: bug.name)
+def test_tp_suite_fails_exactly_where_a_tp_bug_shows(capsys, bug):
+    """locate --tp N --inject BUG over every tensor-parallel check: exit 1, and the checks that fail are those
+    bug.shows allows at that TP size."""
+    from parity.locate import plan_checks
+    from reference import DeciCoderConfig
+
+    assert main(["locate", "--tp", str(bug.tp_size), "--inject", bug.name]) == 1
+    out = capsys.readouterr().out
+    failed = {line.split("  ")[1].strip() for line in out.splitlines()
+              if line.startswith("  ") and ("FAIL at" in line or "FAIL:" in line)}
+    tiny = DeciCoderConfig.from_preset("tiny")
+    expected = {c.label for c in plan_checks(None, None, 2, 7, None)
+                if c.component in (*TP_COMPONENTS, "causal_lm") and bug.shows.allows(c.component, c.shape, tiny,
+                                                                                      tp=bug.tp_size)}
+    assert failed == expected, out

@@ -89,8 +89,9 @@ class Bug:
     shape: CaseShape = CaseShape(batch=2, seq_len=7)  # a case of ``component`` that exposes it (GQA, 2 KV heads)
     tp_size: int = 1  # the tensor-parallel size of that case
     first_rank: int = 0  # the rank where that case's first divergence is reported
-    # The parity.diagnose hypothesis that must explain it at first_tap ("no_known_pattern" where none does).
-    hypothesis: str = field(kw_only=True)
+    # The parity.diagnose hypothesis that must explain it at first_tap ("no_known_pattern" where none does; None
+    # for a tensor-parallel bug: a TP check is not diagnosed).
+    hypothesis: str | None = field(kw_only=True)
 
     @contextlib.contextmanager
     def injected(self) -> Iterator[None]:
@@ -332,22 +333,22 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug("o_proj_column_parallel", "attention dense split by output rows (column-parallel) where TensorRT-LLM's "
         "RowLinear splits its input columns: harmless at TP 1", "trt_layers.tensor_parallel:split",
         _row_split_as_column, "gqa_masked", "out", Shows(_TP_ATTENTION, tp=True), tp_size=2,
-        hypothesis="no_known_pattern"),
+        hypothesis=None),
     Bug("kv_heads_tiled_across_ranks", "KV heads duplicated in tiled order: rank r takes KV head r mod n instead "
         "of r div (tp / n)", "trt_layers.tensor_parallel:_kv_duplicated", _kv_heads_tiled, "gqa_masked", "k",
-        Shows(_TP_ATTENTION, tp=True, kv_duplicated=True), tp_size=4, first_rank=1, hypothesis="no_known_pattern"),
+        Shows(_TP_ATTENTION, tp=True, kv_duplicated=True), tp_size=4, first_rank=1, hypothesis=None),
     Bug("qkv_split_fused", "fused QKV split as a slice of the fused rows instead of each of q, k and v per rank",
         "trt_layers.tensor_parallel:split_qkv", _fused_qkv_sliced, "gqa_masked", "q", Shows(_TP_ATTENTION, tp=True),
-        tp_size=2, first_rank=1, hypothesis="no_known_pattern"),
+        tp_size=2, first_rank=1, hypothesis=None),
     Bug("allreduce_missing", "a row-parallel linear's partial output used without the all-reduce",
         "trt_layers.modeling:summed_over_ranks", _no_allreduce, "mlp", "down",
-        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis="no_known_pattern"),
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis=None),
     Bug("allreduce_twice", "a row-parallel linear's output all-reduced twice (tp times the sum)",
         "trt_layers.modeling:summed_over_ranks", _allreduce_twice, "mlp", "down",
-        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis="no_known_pattern"),
+        Shows(("gqa_masked", "gqa_unmasked", "mlp", *_LAYER), tp=True), tp_size=2, hypothesis=None),
     Bug("logits_gathered_reversed", "lm_head logits gathered in reverse rank order", "trt_layers.modeling:"
         "gathered_logits", _logits_reversed, "causal_lm", "logits", Shows(("causal_lm",), tp=True), tp_size=2,
-        hypothesis="no_known_pattern"),
+        hypothesis=None),
     Bug("lm_head_tied", "lm_head tied to the token embedding (DeciCoder's is a separate weight)",
         "trt_layers.weights:to_trtllm", _tied_lm_head, "causal_lm", "logits", Shows(("causal_lm",)),
         hypothesis="other_weight"),

@@ -36,7 +36,6 @@ from . import functional
 
 TRTLLM = "NVIDIA/TensorRT-LLM"
 FUNCTIONAL = f"{TRTLLM} tensorrt_llm/functional.py@0071496dc625"
-COLLECTIVES = f"{TRTLLM} tensorrt_llm/functional.py@2a9abd9536aa"  # allreduce and allgather, read at that commit
 QUANT_FUNCTIONAL = f"{TRTLLM} tensorrt_llm/quantization/functional.py@2a9abd9536aa"
 UTILS = f"{TRTLLM} tensorrt_llm/_utils.py@000a01de66f0"
 BUILDER = f"{TRTLLM} tensorrt_llm/builder.py@008b2b8d23af"
@@ -95,8 +94,8 @@ API: dict[str, Api] = dict([
     ("tensorrt_llm.functional.Tensor.repeat", Api(FUNCTIONAL, "(sizes)")),
     ("tensorrt_llm.functional.Tensor.is_dynamic", Api(FUNCTIONAL, "(dim=None)")),
     ("tensorrt_llm.functional.Tensor.mark_output", Api(FUNCTIONAL, "(name=None, dtype=None)")),
-    ("tensorrt_llm.functional.allgather", Api(COLLECTIVES, "(tensor, group, gather_dim=0)")),
-    ("tensorrt_llm.functional.allreduce", Api(COLLECTIVES, "(tensor, group, all_reduce_params=AllReduceParams())")),
+    ("tensorrt_llm.functional.allgather", Api(FUNCTIONAL, "(tensor, group, gather_dim=0)")),
+    ("tensorrt_llm.functional.allreduce", Api(FUNCTIONAL, "(tensor, group, all_reduce_params=AllReduceParams())")),
     ("tensorrt_llm.functional.arange", Api(FUNCTIONAL, "(start, end, dtype)")),
     ("tensorrt_llm.functional.cast", Api(FUNCTIONAL, "(input, dtype)")),
     ("tensorrt_llm.functional.concat", Api(FUNCTIONAL, "(inputs, dim=0)")),

@@ -21,12 +21,14 @@ from safetensors.torch import save_file
 
 from reference import DeciCoderConfig, DeciCoderForCausalLM
 
+from . import tensor_parallel
 from . import weights as weight_mapping
 from .network import TORCH_TO_TRTLLM_DTYPE
 
 
-def checkpoint_config(model: DeciCoderForCausalLM) -> dict:
-    """TensorRT-LLM's PretrainedConfig for the model, every Llama default that differs set explicitly."""
+def checkpoint_config(model: DeciCoderForCausalLM, tp_size: int = 1) -> dict:
+    """TensorRT-LLM's PretrainedConfig for the model, every Llama default that differs set explicitly; split
+    across ``tp_size`` tensor-parallel ranks."""
     config = model.config
     return {
         "architecture": "LlamaForCausalLM",  # a MODEL_MAP key; DeciCoder's own name is not one
@@ -49,20 +51,25 @@ def checkpoint_config(model: DeciCoderForCausalLM) -> dict:
         "mlp_bias": False,
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        "mapping": {"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
 
 
-def write_checkpoint(model: DeciCoderForCausalLM, directory: str | Path) -> Path:
-    """Write config.json and rank0.safetensors; lm_head is always stored (a missing one would be tied)."""
+def write_checkpoint(model: DeciCoderForCausalLM, directory: str | Path, tp_size: int = 1) -> Path:
+    """Write config.json and rank{r}.safetensors for each of ``tp_size`` ranks, each rank's tensors split as
+    TensorRT-LLM's LLaMA conversion splits them under TP 1's names (tensor_parallel); lm_head is always stored
+    (a missing one would be tied)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weight_mapping.to_trtllm(model.state_dict(), model.config)
     dtype = model.lm_head.weight.dtype
-    tensors = {name: t.detach().to(dtype).contiguous().clone() for name, t in weights.items()}
-    save_file(tensors, str(directory / "rank0.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(checkpoint_config(model), indent=2) + "\n", encoding="utf-8")
+    for rank in range(tp_size):
+        rank_weights = tensor_parallel.RankWeights(weights, model.config, tensor_parallel.TpMapping(tp_size, rank))
+        tensors = {name: t.detach().to(dtype).contiguous().clone() for name, t in rank_weights.items()}
+        save_file(tensors, str(directory / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+    config = checkpoint_config(model, tp_size)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
@@ -124,14 +131,16 @@ def make_build_config(options: dict, **fields):
     return build_config
 
 
-def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict, **fields) -> Path:
-    """TensorRT-LLM's LLaMA engine from the checkpoint, with the GPT attention plugin, and other
-    BuildConfig ``fields`` (e.g. enable_debug_output=True) (needs TensorRT-LLM)."""
+def build_engine(checkpoint_dir: str | Path, engine_dir: str | Path, options: dict, tp_size: int = 1,
+                 **fields) -> Path:
+    """TensorRT-LLM's LLaMA engine from the checkpoint, one rank{r}.engine a rank, with the GPT attention plugin,
+    and other BuildConfig ``fields`` (e.g. enable_debug_output=True) (needs TensorRT-LLM)."""
     from tensorrt_llm.builder import build
     from tensorrt_llm.models import LLaMAForCausalLM
 
-    engine = build(LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir)), make_build_config(options, **fields))
-    engine.save(str(engine_dir))
+    for rank in range(tp_size):
+        model = LLaMAForCausalLM.from_checkpoint(str(checkpoint_dir), rank=rank)
+        build(model, make_build_config(options, **fields)).save(str(engine_dir))
     return Path(engine_dir)
 
 
