@@ -229,3 +229,23 @@ def test_tp_suite_fails_exactly_where_a_tp_bug_shows(capsys, bug):
                 if c.component in (*TP_COMPONENTS, "causal_lm") and bug.shows.allows(c.component, c.shape, tiny,
                                                                                       tp=bug.tp_size)}
     assert failed == expected, out
+
+
+LAYOUT_CASES = [pytest.param(layout, dtype, id=f"{layout}-{str(dtype)[6:]}",
+                             marks=[] if (layout, dtype) == ("variant-mqa", torch.float16) else [pytest.mark.slow])
+                for layout in ("kvheads8", "kvheads1", "variant", "variant-mqa") for dtype in (torch.float32,
+                                                                                             torch.float16)]
+
+
+@pytest.mark.parametrize("layout, dtype", LAYOUT_CASES)
+def test_tp2_passes_in_every_layout(pools, reference_model, layout, dtype):
+    """MHA, MQA (one KV head duplicated onto both ranks), tiny-variant's 6 heads of 24 with GQA 3:1 and as MQA,
+    fp32 and fp16: every split component and the whole model, decode (the cache split by KV heads)."""
+    from reference import random_model
+    from conftest import layout_config
+
+    model = (random_model(layout_config("variant").with_kv_heads(1), seed=0, dtype=dtype) if layout == "variant-mqa"
+             else reference_model(layout, dtype))
+    results = [check_tp(c, model, pools(2), DECODE if c != "gqa_masked" else PREFILL) for c in TP_COMPONENTS]
+    results.append(stream_tp(model, pools(2), DECODE))
+    assert all(r.exit_code == 0 for r in results), [r.verdict() for r in results]
