@@ -28,7 +28,7 @@ from trt_layers.bugs import BUGS
 from trt_layers.network import BACKENDS, OnnxBackend, Profile, TrtllmBackend, largest_activation_bytes
 from trt_layers.quantization import MODES as QUANT_MODES
 from trt_layers.quantization import QuantMode, quantized_golden
-from trt_layers.ranks import RankPool
+from trt_layers.ranks import RankPool, collectives_backend
 from trt_layers.tensor_parallel import unsupported as tensor_parallel_unsupported
 
 from .backends import CANDIDATES, onnxruntime_bf16_gap, resolve_candidates, skip_reason
@@ -630,7 +630,8 @@ def locate_tp_command(args: argparse.Namespace) -> int:
     print(f"golden:    reference DeciCoder (torch {torch.__version__}, cpu), model {args.model}, {args.dtype}")
     print(f"candidate: trt_layers on {args.tp} tensor-parallel ranks (TensorRT-LLM 1.2's LLaMA split), each "
           "lowered to ONNX and run by onnxruntime in its own process, cut at its collectives, which "
-          f"torch.distributed (gloo) runs" + (f", injected bug: {args.inject}" if args.inject else ""))
+          f"torch.distributed ({collectives_backend(args.tp)}) runs"
+          + (f", injected bug: {args.inject}" if args.inject else ""))
     tolerance = TOLERANCES[dtype]
     print(f"tolerance: an element passes if |error| <= atol {tolerance.atol:g} x max(1, max |row|) or <= rtol "
           f"{tolerance.rtol:g} x |golden| ({tolerance.why})")

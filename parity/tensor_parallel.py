@@ -129,13 +129,13 @@ def check_tp(component: str, model: DeciCoderForCausalLM, pool: RankPool, shape:
         outputs = pool.run(_run_rank, lambda rank: (component, config, weights, tp, dtype, decode, rank_feed(rank),
                                                     bug))
     except RankError as e:
-        return _failed(component, tp, dtype, shape, order, e)
+        return _failed(component, pool, dtype, shape, order, e)
     checks = []
     for rank, candidate in enumerate(outputs):
         mapping = TpMapping(tp, rank)
         sliced = {name: rank_slice(name, tensor, config, mapping) for name, tensor in golden.items()}
         results = compare_taps(sliced, candidate, TOLERANCES[dtype], order)
-        checks.append(CheckResult(_label(component, rank, tp), _backend(tp), dtype, shape, results))
+        checks.append(CheckResult(_label(component, rank, tp), _backend(pool), dtype, shape, results))
     return TpCheckResult(checks)
 
 
@@ -143,15 +143,15 @@ def _label(component: str, rank: int, tp: int) -> str:
     return f"{component} rank {rank}/{tp}"
 
 
-def _backend(tp: int) -> str:
-    return f"onnx lowering, TP {tp}: one process a rank, collectives by torch.distributed (gloo)"
+def _backend(pool: RankPool) -> str:
+    return f"onnx lowering, TP {pool.tp_size}: one process a rank, collectives by torch.distributed ({pool.backend})"
 
 
-def _failed(component: str, tp: int, dtype, shape: CaseShape, order, error: RankError) -> TpCheckResult:
+def _failed(component: str, pool: RankPool, dtype, shape: CaseShape, order, error: RankError) -> TpCheckResult:
     """Every rank's taps uncomputed: rank ``error.rank``'s engine failed to build or run (the port's divergence)."""
     results = [TapResult(name, (), *(float("nan"),) * 4, False, "not computed") for name in order]
-    return TpCheckResult([CheckResult(_label(component, rank, tp), _backend(tp), dtype, shape, results, str(error))
-                          for rank in range(tp)], error)
+    return TpCheckResult([CheckResult(_label(component, rank, pool.tp_size), _backend(pool), dtype, shape, results,
+                                      str(error)) for rank in range(pool.tp_size)], error)
 
 
 LAYER_OUTPUTS = ("attn.present_k", "attn.present_v", "out")
@@ -209,8 +209,8 @@ def stream_tp(model: DeciCoderForCausalLM, pool: RankPool, shape: CaseShape, bug
         outputs = pool.run(_run_rank, lambda rank: ("head", config, head_weights, tp, dtype, False,
                                                     {"hidden_states": hidden}, bug))
     except RankError as e:
-        return _failed("causal_lm", tp, dtype, shape, order, e)
+        return _failed("causal_lm", pool, dtype, shape, order, e)
     final_norm = model.model.norm(numpy_to_torch(hidden))
     judge({"final_norm": final_norm, "logits": model.lm_head(final_norm)}, outputs, ["final_norm", "logits"])
-    return TpCheckResult([CheckResult(_label("causal_lm", rank, tp), _backend(tp), dtype, shape,
+    return TpCheckResult([CheckResult(_label("causal_lm", rank, tp), _backend(pool), dtype, shape,
                                       [results[rank][name] for name in order]) for rank in range(tp)])

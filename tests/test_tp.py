@@ -249,3 +249,17 @@ def test_tp2_passes_in_every_layout(pools, reference_model, layout, dtype):
     results = [check_tp(c, model, pools(2), DECODE if c != "gqa_masked" else PREFILL) for c in TP_COMPONENTS]
     results.append(stream_tp(model, pools(2), DECODE))
     assert all(r.exit_code == 0 for r in results), [r.verdict() for r in results]
+
+
+def _exit_on_rank_1(rank: int) -> int:
+    import os
+    if rank == 1:
+        os._exit(3)  # as a rank killed for memory would vanish
+    return rank
+
+
+def test_a_rank_process_that_dies_is_reported_not_waited_for():
+    from trt_layers.ranks import RankError
+
+    with RankPool(2) as pool, pytest.raises(RankError, match=r"rank 1: its process exited \(code 3\)"):
+        pool.run(_exit_on_rank_1, lambda rank: ())

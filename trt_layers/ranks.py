@@ -1,5 +1,6 @@
 """Tensor-parallel ranks on the CPU stand-in: each rank a process, its lowered graph cut at the collectives,
-the collectives run by torch.distributed between the pieces (gloo on CPU; NCCL where TensorRT-LLM runs them).
+the collectives run by torch.distributed between the pieces (gloo on CPU; NCCL, one GPU a rank, where the machine
+has a GPU for every rank).
 
 ONNX Runtime cannot run TensorRT-LLM's NCCL plugins, so the lowering marks allreduce and allgather as nodes
 of its own domain (lowering.COLLECTIVES), and a rank's engine (``RankEngine``) runs the graph piece by piece:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
@@ -103,13 +105,15 @@ def run_collective(node: onnx.NodeProto, array: np.ndarray) -> np.ndarray:
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if list(attributes["group"]) != list(range(dist.get_world_size())):
         raise NotImplementedError(f"{node.op_type}: group {list(attributes['group'])} is not the whole world")
-    tensor = torch.from_numpy(np.array(array))  # a copy: all_reduce sums in place, and the input may be read again
+    # A copy (all_reduce sums in place, and the input may be read again), on the rank's GPU where NCCL runs it.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.from_numpy(np.array(array)).to(device)
     if node.op_type == "AllReduce":
         dist.all_reduce(tensor)  # sums, as TensorRT-LLM's AllReduce plugin
-        return tensor.numpy()
+        return tensor.cpu().numpy()
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor)
-    return np.concatenate([t.numpy() for t in gathered], axis=attributes["gather_dim"])
+    return np.concatenate([t.cpu().numpy() for t in gathered], axis=attributes["gather_dim"])
 
 
 class RankEngine:
@@ -143,9 +147,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, tasks, results) -> None:
+def collectives_backend(tp_size: int) -> str:
+    """NCCL where every rank can have a GPU of its own, else gloo."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= tp_size else "gloo"
+
+
+def _rank_main(rank: int, world: int, port: int, backend: str, tasks, results) -> None:
     torch.set_num_threads(1)  # the ranks share this machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         while (task := tasks.get()) is not None:
             function, args = task
@@ -166,12 +177,12 @@ class RankError(RuntimeError):
 
 
 class RankPool(contextlib.AbstractContextManager):
-    """``tp_size`` rank processes in one gloo group; ``run(function, args_of_rank)`` calls
+    """``tp_size`` rank processes in one process group (collectives_backend); ``run(function, args_of_rank)`` calls
     ``function(rank, *args_of_rank(rank))`` on every rank at once and returns the results in rank order.
-    ``function`` must be importable (spawned processes pickle it by name)."""
+    ``function`` must be importable (the rank processes unpickle it by name)."""
 
     def __init__(self, tp_size: int):
-        self.tp_size = tp_size
+        self.tp_size, self.backend = tp_size, collectives_backend(tp_size)
         # forkserver: one server process imports torch, ONNX Runtime and the port once, and each rank is forked
         # from it (spawn imports them again in every rank: 7 s for 8 ranks on 2 cores, against 2 s); nothing is
         # forked from a process that has run torch's or ONNX Runtime's thread pools.
@@ -181,25 +192,32 @@ class RankPool(contextlib.AbstractContextManager):
         self.results = context.Queue()
         port = _free_port()
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        self.processes = [context.Process(target=_rank_main, args=(rank, tp_size, port, self.tasks[rank],
-                                                                    self.results), daemon=True)
+        self.processes = [context.Process(target=_rank_main, args=(rank, tp_size, port, self.backend,
+                                                                    self.tasks[rank], self.results), daemon=True)
                           for rank in range(tp_size)]
         for process in self.processes:
             process.start()
 
     def run(self, function: Callable, args_of_rank: Callable[[int], tuple]) -> list:
-        for rank, queue in enumerate(self.tasks):
-            queue.put((function, args_of_rank(rank)))
-        outcomes = dict((rank, (value, error)) for rank, value, error in
-                        (self.results.get(timeout=600) for _ in range(self.tp_size)))
+        for rank, tasks in enumerate(self.tasks):
+            tasks.put((function, args_of_rank(rank)))
+        outcomes = {}
+        while len(outcomes) < self.tp_size:
+            try:
+                rank, value, error = self.results.get(timeout=1)
+            except queue.Empty:  # a rank that died (killed, out of memory) never answers
+                if dead := [r for r, p in enumerate(self.processes) if not p.is_alive() and r not in outcomes]:
+                    raise RankError(dead[0], f"its process exited (code {self.processes[dead[0]].exitcode})")
+                continue
+            outcomes[rank] = (value, error)
         for rank in range(self.tp_size):
             if outcomes[rank][1] is not None:
                 raise RankError(rank, outcomes[rank][1])
         return [outcomes[rank][0] for rank in range(self.tp_size)]
 
     def __exit__(self, *exc) -> None:
-        for queue in self.tasks:
-            queue.put(None)
+        for tasks in self.tasks:
+            tasks.put(None)
         for process in self.processes:
             process.join(timeout=30)
             if process.is_alive():
