@@ -43,6 +43,7 @@ from .tensor_parallel import TP_COMPONENTS, check_tp, stream_tp
 
 DIVERGED, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
 SIGPIPE_EXIT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
+INTERRUPTED = 128 + 2  # and by SIGINT (Ctrl-C)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's limit
 
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="split the port across N tensor-parallel ranks as TensorRT-LLM 1.2's LLaMA does (one "
                               "process a rank on the onnx backend, collectives by torch.distributed's gloo) and judge "
                               "each rank against its slice of the golden; checks the components a rank splits "
-                              f"({', '.join(TP_COMPONENTS)}) and causal_lm; default: 1")
+                              f"({', '.join(TP_COMPONENTS)}) and causal_lm; not with --quant, --candidate, "
+                              "--json, --markdown, --plot")
     locator.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where the golden runs; auto = cuda when the candidate is a GPU engine (trtllm) and "
                               "a GPU is present, else cpu")
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "build its engine (GPT attention plugin)")
     builder.add_argument("--tp", type=_positive, default=1, metavar="N",
                          help="with --fast-path: split its checkpoint across N tensor-parallel ranks, "
-                              "rank{r}.safetensors each, as TensorRT-LLM's LLaMA conversion does; default: 1")
+                              "rank{r}.safetensors each, as TensorRT-LLM's LLaMA conversion does")
     _add_out_argument(builder)
 
     generator = commands.add_parser(
@@ -420,6 +422,9 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
                          "its own")
     if args.quant and (problem := QUANT_MODES[args.quant].unsupported(config)):
         raise UsageError(f"--quant {args.quant}: {problem}")
+    if args.quant and not any(QUANT_MODES[args.quant].touches(check.component) for check in args.checks):
+        raise UsageError(f"--quant {args.quant} quantizes nothing {args.component} computes: a PASS would check "
+                         "nothing quantized")
     if args.candidate is None:
         backend, _ = _candidate_backend(args.backend, resolve_dtype(args.dtype))
         args.golden_device = _golden_device(args.device, backend.name)
@@ -439,11 +444,13 @@ def _validate_locate(args: argparse.Namespace, config: DeciCoderConfig) -> None:
 
 def _validate_tp(args: argparse.Namespace, config: DeciCoderConfig) -> None:
     """--tp N > 1: what the rank processes can run, checked before any model is built."""
-    for option, given in (("--candidate", args.candidate), ("--quant", args.quant),
-                          ("--json, --markdown or --plot", args.json or args.markdown or args.plot)):
+    for option, given, why in (
+            ("--candidate", args.candidate, "--tp splits the trt_layers port; an external port brings its own ranks"),
+            ("--quant", args.quant, "a quantized port is judged at TP 1 only, for now"),
+            ("--json, --markdown or --plot", args.json or args.markdown or args.plot,
+             "a tensor-parallel check reports in text only, for now")):
         if given:
-            raise UsageError(f"--tp {args.tp} with {option}: not supported (a tensor-parallel check runs the "
-                             "trt_layers port and reports in text)")
+            raise UsageError(f"--tp {args.tp} with {option}: not supported ({why})")
     if args.backend == "trtllm":
         raise UsageError(f"--tp {args.tp}: its ranks run on the onnx backend here (a TensorRT-LLM engine of "
                          f"{args.tp} ranks needs {args.tp} GPUs and NCCL): use --backend onnx")
@@ -771,12 +778,13 @@ def build_command(args: argparse.Namespace) -> int:
 
 
 def list_bugs(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in BUGS)
     for bug in BUGS.values():
-        print(f"{bug.name:<24} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
+        print(f"{bug.name:<{width}} {bug.component:<14} first tap {bug.first_tap:<11} {bug.description}")
         where = f" at TP {bug.tp_size}, on rank {bug.first_rank}" if bug.tp_size > 1 else ""
         diagnosis = (f"diagnosed at its first tap in {bug.component} as {bug.hypothesis}" if bug.hypothesis
                      else f"caught at its first tap in {bug.component}{where} (a TP check is not diagnosed)")
-        print(f"{'':<24} shows in {bug.shows.describe()}; {diagnosis}")
+        print(f"{'':<{width}} shows in {bug.shows.describe()}; {diagnosis}")
     return 0
 
 
@@ -803,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     except CandidateError as e:
         print(f"DIVERGED: {_one_line(e)}")
         return DIVERGED
+    except KeyboardInterrupt:  # the user stopped it: no verdict, one line (the rank processes stop with it)
+        print("interrupted: no verdict", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:  # the reader went away (`| head`): no verdict was delivered, so none is claimed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return SIGPIPE_EXIT

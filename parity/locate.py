@@ -130,9 +130,9 @@ def refuse_unshowable(bug: Bug, checks: list[Check], config: DeciCoderConfig, qu
                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, rms_norm_eps "
                f"{config.rms_norm_eps:g}): it shows in {bug.shows.describe()}")
     if bug.shows.tp and tp == 1:
-        raise ValueError(f"--inject {bug.name} misreads tensor parallelism: it shows only with --tp N (N > 1), in "
-                         f"{bug.shows.describe()}, e.g. --component {bug.component} --tp {bug.tp_size}")
-    if bug.shows.quant is not None and quant is None:
+        raise ValueError(f"--inject {bug.name} misreads tensor parallelism: it shows only with --tp N (N > 1), e.g. "
+                         f"--component {bug.component} --tp {bug.tp_size}")
+    if bug.shows.quant is not None and bug.shows.quant not in (quant or "").split("+"):
         raise ValueError(f"--inject {bug.name} misreads the {bug.shows.quant} weight layout: it shows only in "
                          f"locate --quant {bug.shows.quant}, in {bug.shows.describe()}")
     if bug.shows.allows(bug.component, bug.shape, config, bug.shows.quant, bug.tp_size):
@@ -226,7 +226,8 @@ def summary(checks: list[Check], reports: list[LocateReport], dtype: str, quant:
     taps = sum(len(report.check.results) for report in reports)
     if len(checks) == 1:
         if not failed:
-            return f"PASSED: {taps} taps of {checks[0].label} within {dtype} tolerance{_of_golden(quant)}"
+            return (f"PASSED: {taps} tap{'s' if taps != 1 else ''} of {checks[0].label} within {dtype} tolerance"
+                    f"{_of_golden(quant)}")
         if reports[0].check.error is not None:
             return f"DIVERGED: {checks[0].label}: {reports[0].check.error}"
         return f"DIVERGED: first diverging tap {reports[0].verdict().removeprefix('FAIL at ')}"

@@ -117,7 +117,7 @@ def check_tp(component: str, model: DeciCoderForCausalLM, pool: RankPool, shape:
     config, dtype, tp = model.config, model.lm_head.weight.dtype, pool.tp_size
     inputs = make_inputs(component, config, shape, dtype)
     golden = run_component(component, model, inputs)
-    weights = dict(weight_mapping.to_trtllm(model.state_dict(), config))
+    weights = _candidate_weights(model, bug)
     decode = needs_decode_graph(component, shape)
 
     def rank_feed(rank: int) -> dict[str, np.ndarray]:
@@ -139,6 +139,13 @@ def check_tp(component: str, model: DeciCoderForCausalLM, pool: RankPool, shape:
     return TpCheckResult(checks)
 
 
+def _candidate_weights(model: DeciCoderForCausalLM, bug: str | None) -> dict[str, torch.Tensor]:
+    """The port's checkpoint under TensorRT-LLM names, mapped with ``bug`` injected (a weight-mapping bug applies
+    here, in this process; the ranks split what it maps)."""
+    with BUGS[bug].injected() if bug else contextlib.nullcontext():
+        return dict(weight_mapping.to_trtllm(model.state_dict(), model.config))
+
+
 def _label(component: str, rank: int, tp: int) -> str:
     return f"{component} rank {rank}/{tp}"
 
@@ -151,7 +158,8 @@ def _failed(component: str, pool: RankPool, dtype, shape: CaseShape, order, erro
     """Every rank's taps uncomputed: rank ``error.rank``'s engine failed to build or run (the port's divergence)."""
     results = [TapResult(name, (), *(float("nan"),) * 4, False, "not computed") for name in order]
     return TpCheckResult([CheckResult(_label(component, rank, pool.tp_size), _backend(pool), dtype, shape, results,
-                                      str(error)) for rank in range(pool.tp_size)], error)
+                                      str(error) if rank == error.rank else f"not run: rank {error.rank} failed")
+                          for rank in range(pool.tp_size)], error)
 
 
 LAYER_OUTPUTS = ("attn.present_k", "attn.present_v", "out")
@@ -170,7 +178,7 @@ def stream_tp(model: DeciCoderForCausalLM, pool: RankPool, shape: CaseShape, bug
     tolerance, decode = TOLERANCES[dtype], shape.past_len > 0
     inputs = make_inputs("causal_lm", config, shape, dtype)
     feed = to_feed(inputs)
-    weights = weight_mapping.to_trtllm(model.state_dict(), config)
+    weights = _candidate_weights(model, bug)
     order = component_outputs("causal_lm", config.num_hidden_layers)
     results: list[dict[str, TapResult]] = [{} for _ in range(tp)]
 

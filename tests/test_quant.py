@@ -287,6 +287,13 @@ def test_quant_cli_reports_the_budget(tmp_path, capsys):
     assert "| `layer_1.out` |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.parametrize("quant, component", [("fp8", "rope"), ("int8_wo", "rmsnorm"), ("fp8_kv", "mlp")])
+def test_quant_on_a_component_it_leaves_unquantized_is_bad_usage(capsys, quant, component):
+    """A PASS there would check nothing quantized."""
+    assert main(["locate", "--component", component, "--quant", quant]) == 2
+    assert f"--quant {quant} quantizes nothing {component} computes" in capsys.readouterr().err
+
+
 def test_quant_with_an_external_candidate_is_bad_usage(tmp_path, capsys):
     graph = tmp_path / "port.onnx"
     graph.write_bytes(b"")

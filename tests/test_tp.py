@@ -7,6 +7,8 @@ Rank processes take seconds to start on 2 cores: one pool per TP size serves the
 by default, the sweep with -m slow.
 """
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -179,7 +181,7 @@ def test_locate_tp_cli(capsys):
     (["--tp", "2", "--quant", "int8_wo"], "--tp 2 with --quant: not supported"),
     (["--tp", "2", "--backend", "trtllm"], "use --backend onnx"),
     (["--inject", "allreduce_twice"], "shows only with --tp N (N > 1)"),
-    (["--tp", "2", "--inject", "kv_heads_tiled_across_ranks"], "--tp N beyond the KV heads"),
+    (["--tp", "2", "--inject", "kv_heads_tiled_across_ranks"], "--tp N beyond 2 or more KV heads"),
 ])
 def test_locate_tp_bad_usage_exits_2(capsys, argv, says):
     assert main(["locate", *argv]) == 2
@@ -263,3 +265,23 @@ def test_a_rank_process_that_dies_is_reported_not_waited_for():
 
     with RankPool(2) as pool, pytest.raises(RankError, match=r"rank 1: its process exited \(code 3\)"):
         pool.run(_exit_on_rank_1, lambda rank: ())
+
+
+WEIGHT_MAPPING_BUGS = ("lm_head_tied", "layernorms_swapped", "mlp_gate_up_swapped")  # injected where weights are mapped
+
+
+@pytest.mark.parametrize("bug", [pytest.param(bug, id=bug.name, marks=[] if bug.name in WEIGHT_MAPPING_BUGS
+                                              else [pytest.mark.slow])
+                                 for bug in BUGS.values() if not bug.shows.tp and bug.shows.quant is None])
+def test_every_catalog_bug_shows_at_tp_2_where_it_can(pools, tiny_model, bug):
+    """A bug of the port (or of its weight mapping, which the parent applies before the ranks split the weights)
+    fails the TP checks it can show in, as at TP 1: with --tp it passed once (the mapping ran outside the bug)."""
+    checks = [(c, s) for c in TP_COMPONENTS for s in (PREFILL, DECODE) if c != "gqa_unmasked" or s.past_len]
+    checks += [("causal_lm", PREFILL), ("causal_lm", DECODE)]
+    shown = [(c, s) for c, s in checks if (c, s.past_len) != ("gqa_masked", 5)
+             and bug.shows.allows(c, s, tiny_model.config, tp=2)]
+    if not shown:
+        pytest.skip(f"{bug.name} shows in no check a rank splits")
+    component, shape = shown[0]
+    run = stream_tp if component == "causal_lm" else functools.partial(check_tp, component)
+    assert run(tiny_model, pools(2), shape, bug.name).exit_code == 1, bug.name

@@ -42,23 +42,23 @@ class Shows:
     min_seq_len: int = 1  # new tokens: a mask over one token masks nothing
     min_past_len: int = 0  # 1: decode, with a cache (rope: positions that continue after one)
     min_positions: int = 1  # past_len + seq_len: RoPE at position 0 rotates by nothing
-    grouped_kv: bool = False  # 1 < KV heads < heads: MHA repeats nothing, MQA's one head tiles as it repeats
+    grouped_kv: bool = False  # 1 < KV heads < heads (a rank's): MHA repeats nothing, one KV head tiles as it repeats
     harmless_with: tuple[tuple[str, float], ...] = ()  # (config key, value) with which the bug computes the same
     cache_only: bool = False  # changes only the K/V cache's layout, which attention reads order-free: never logits
     quant: str | None = None  # the quantization mode whose layout it misreads: shows only with --quant using it
     many_groups: bool = False  # int4_wo: a linear of the check takes more inputs than one group (128)
     tp: bool = False  # misreads tensor parallelism: shows only where ranks split the model (--tp N, N > 1)
-    kv_duplicated: bool = False  # shows only where TP exceeds the KV heads (each KV head duplicated onto ranks)
+    kv_duplicated: bool = False  # shows only where TP exceeds 2 or more KV heads (each duplicated onto ranks)
     why: str = ""  # why it shows nowhere else, where that is not plain
 
     def allows(self, component: str, shape: CaseShape, config: DeciCoderConfig, quant: str | None = None,
                tp: int = 1) -> bool:
         kv_heads = config.num_key_value_heads
         uses = self.quant is None or self.quant in (quant or "").split("+")  # int4_wo+int8_kv uses int8_kv
-        split = (not self.tp or tp > 1) and (not self.kv_duplicated or tp > kv_heads)
+        split = (not self.tp or tp > 1) and (not self.kv_duplicated or tp > kv_heads > 1)
         return (component in self.components and shape.seq_len >= self.min_seq_len and uses and split
                 and shape.past_len >= self.min_past_len and shape.past_len + shape.seq_len >= self.min_positions
-                and (not self.grouped_kv or 1 < kv_heads < config.num_attention_heads)
+                and (not self.grouped_kv or 1 < -(-kv_heads // tp) < config.num_attention_heads // tp)  # a rank's
                 and (not self.many_groups or max(_linear_inputs(component, config)) > GROUP_SIZE)
                 and all(getattr(config, key) != value for key, value in self.harmless_with))
 
@@ -67,12 +67,12 @@ class Shows:
         needs = [f"--seq-len >= {self.min_seq_len}"] if self.min_seq_len > 1 else []
         needs += [f"--past-len >= {self.min_past_len} (decode)"] if self.min_past_len else []
         needs += [f"--past-len + --seq-len >= {self.min_positions}"] if self.min_positions > 1 else []
-        needs += ["grouped KV heads (1 < --kv-heads < heads)"] if self.grouped_kv else []
+        needs += ["grouped KV heads (1 < --kv-heads < heads; with --tp N, on each rank)"] if self.grouped_kv else []
         needs += [f"{key} other than {value:g}" for key, value in self.harmless_with]
         needs += [f"a linear of more than {GROUP_SIZE} inputs (several INT4 groups)"] if self.many_groups else []
         needs += [f"--quant {self.quant}"] if self.quant else []
         needs += ["--tp N, N > 1"] if self.tp and not self.kv_duplicated else []
-        needs += ["--tp N beyond the KV heads"] if self.kv_duplicated else []
+        needs += ["--tp N beyond 2 or more KV heads"] if self.kv_duplicated else []
         where = ", ".join(self.components) + (f" with {', '.join(needs)}" if needs else "")
         return f"{where} ({self.why})" if self.why else where
 

@@ -94,7 +94,8 @@ def build_options(config: DeciCoderConfig, dtype: torch.dtype, max_batch_size: i
     if config.head_dim not in GPT_ATTENTION_HEAD_SIZES:
         raise ValueError(f"the fast path's GPT attention plugin has no kernels for head size {config.head_dim} "
                          f"(hidden {config.hidden_size} / {config.num_attention_heads} heads); it supports "
-                         f"{', '.join(map(str, GPT_ATTENTION_HEAD_SIZES))}")
+                         f"{', '.join(map(str, GPT_ATTENTION_HEAD_SIZES))}: use a model whose head size is one of "
+                         "them (decicoder-1b's is 64, or a checkpoint directory)")
     context = config.max_position_embeddings
     options = {"max_batch_size": max_batch_size, "max_input_len": max_input_len or context,
                "max_seq_len": max_seq_len or context,

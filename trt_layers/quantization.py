@@ -395,6 +395,12 @@ class QuantMode:
     layout: PerChannelInt8 | GroupwiseInt4 | PerTensorFp8 | None  # the weights' (None: full precision)
     kv: KvCache | None = None  # the KV cache's (None: the model dtype)
 
+    def touches(self, component: str) -> bool:
+        """Whether ``component``'s check computes anything this mode quantizes (a linear; a tapped KV cache)."""
+        linears = self.layout is not None and component in ("gqa_masked", "gqa_unmasked", "mlp", "decoder_layer",
+                                                            "causal_lm")
+        return linears or (self.kv is not None and component in ("gqa_masked", "gqa_unmasked", "causal_lm"))
+
     def unsupported(self, config) -> str | None:
         """Why this mode cannot store ``config``'s weights, or None."""
         if not isinstance(self.layout, GroupwiseInt4):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import signal
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
@@ -153,6 +154,7 @@ def collectives_backend(tp_size: int) -> str:
 
 
 def _rank_main(rank: int, world: int, port: int, backend: str, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the pool stops the ranks
     torch.set_num_threads(1)  # the ranks share this machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -166,6 +168,20 @@ def _rank_main(rank: int, world: int, port: int, backend: str, tasks, results) -
                 results.put((rank, None, f"{type(e).__name__}: {e}".splitlines()[0]))
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ctrl-C held back inside, raised on the way out (Python runs its signal handlers in the main thread, whichever
+    thread the signal reached)."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 class RankError(RuntimeError):
@@ -187,7 +203,7 @@ class RankPool(contextlib.AbstractContextManager):
         # from it (spawn imports them again in every rank: 7 s for 8 ranks on 2 cores, against 2 s); nothing is
         # forked from a process that has run torch's or ONNX Runtime's thread pools.
         context = mp.get_context("forkserver")
-        context.set_forkserver_preload(["trt_layers.ranks", "trt_layers.network"])
+        context.set_forkserver_preload(["trt_layers._forkserver", "trt_layers.ranks", "trt_layers.network"])
         self.tasks = [context.Queue() for _ in range(tp_size)]
         self.results = context.Queue()
         port = _free_port()
@@ -195,8 +211,13 @@ class RankPool(contextlib.AbstractContextManager):
         self.processes = [context.Process(target=_rank_main, args=(rank, tp_size, port, self.backend,
                                                                     self.tasks[rank], self.results), daemon=True)
                           for rank in range(tp_size)]
-        for process in self.processes:
-            process.start()
+        try:
+            with _sigint_held():  # a rank interrupted half-started would be beyond reach (the pool has no pid)
+                for process in self.processes:
+                    process.start()
+        except BaseException:  # Ctrl-C, held back until every rank started: none may outlive this process
+            self._kill()
+            raise
 
     def run(self, function: Callable, args_of_rank: Callable[[int], tuple]) -> list:
         for rank, tasks in enumerate(self.tasks):
@@ -215,10 +236,22 @@ class RankPool(contextlib.AbstractContextManager):
                 raise RankError(rank, outcomes[rank][1])
         return [outcomes[rank][0] for rank in range(self.tp_size)]
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """Stop the ranks: after their last task, or (an exception on its way, Ctrl-C) at once."""
+        if exc_type is not None:
+            self._kill()
+            return
         for tasks in self.tasks:
             tasks.put(None)
         for process in self.processes:
             process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+        self._kill()
+
+    def _kill(self) -> None:
+        """Every rank at once, rank 0 (which serves the group's store) last: a rank that outlived it would report
+        the lost connection."""
+        started = [process for process in self.processes if process.pid is not None]
+        for process in reversed(started):
+            process.kill()
+        for process in started:
+            process.join()
