@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from .cli import INTERRUPTED, main
+    from .cli import main
 except ModuleNotFoundError as e:  # an interpreter without the suite's dependencies (a venv not activated)
     print(f"python -m parity: {e.msg}; run it with the interpreter that installed the suite "
           "(README: .venv/bin/python -m parity ...)", file=sys.stderr)
