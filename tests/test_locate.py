@@ -125,7 +125,7 @@ def test_bad_usage_exits_2(capsys, argv, message):
     (["--component", "gqa_unmasked", "--past-len", "0", "--inject", "kv_append_reversed"],
      "it shows in gqa_unmasked, decoder_layer, causal_lm with --past-len >= 1 (decode)"),
     (["--component", "rmsnorm", "--inject", "rope_interleaved"], "it shows in rope, gqa_masked"),
-    (["--kv-heads", "1", "--inject", "repeat_kv_tiled"], "with grouped KV heads (1 < --kv-heads < heads)"),
+    (["--kv-heads", "1", "--inject", "repeat_kv_tiled"], "with grouped KV heads (1 < --kv-heads < heads; with --tp N, on each rank)"),
     (["--model", "tiny-variant", "--inject", "rmsnorm_default_eps"], "with rms_norm_eps other than 1e-06"),
 ])
 def test_a_bug_that_cannot_show_is_refused(capsys, argv, shows_in):
