@@ -176,11 +176,13 @@ SLOW = [(mode, layout, dtype) for mode, layout, dtype in SINGLE + TOGETHER
     pytest.param(mode, layout, dtype, id=f"{mode.name}-{layout}-{str(dtype)[6:]}",
                  marks=[pytest.mark.slow] if (mode, layout, dtype) in SLOW else [])
     for mode, layout, dtype in SINGLE + TOGETHER])
-def test_port_matches_the_quantized_golden(reference_model, mode, check, layout, dtype):
+def test_port_matches_the_quantized_golden_within_budget(reference_model, mode, check, layout, dtype):
+    """Exit 0 against the quantized golden, and no tap beyond its budget against full precision."""
     model = reference_model(layout, dtype)
     report = locate(check.component, quantized_golden(model, mode), OnnxBackend(), check.shape,
-                    weights=candidate_weights(model, mode))
+                    weights=candidate_weights(model, mode), full_precision=model)
     assert report.exit_code == 0, report.text()
+    assert "beyond budget" not in {b.verdict for b in report.check.budget}, report.text()
 
 
 FIRST_QUANTIZED = [(INT8_WO, "mlp", "gate"), (INT4_WO, "mlp", "gate"), (MODES["int8_kv"], "gqa_masked", "present_k"),
