@@ -11,7 +11,7 @@ The first diverging tap is named with its rank.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -117,7 +117,8 @@ def check_tp(component: str, model: DeciCoderForCausalLM, pool: RankPool, shape:
     config, dtype, tp = model.config, model.lm_head.weight.dtype, pool.tp_size
     inputs = make_inputs(component, config, shape, dtype)
     golden = run_component(component, model, inputs)
-    weights = _candidate_weights(model, bug)
+    mapped = _candidate_weights(model, bug)
+    weights = {name: mapped[name] for name in mapped if name.startswith(layer_prefix(0))}  # what a component reads
     decode = needs_decode_graph(component, shape)
 
     def rank_feed(rank: int) -> dict[str, np.ndarray]:
@@ -139,11 +140,12 @@ def check_tp(component: str, model: DeciCoderForCausalLM, pool: RankPool, shape:
     return TpCheckResult(checks)
 
 
-def _candidate_weights(model: DeciCoderForCausalLM, bug: str | None) -> dict[str, torch.Tensor]:
+def _candidate_weights(model: DeciCoderForCausalLM, bug: str | None) -> Mapping[str, torch.Tensor]:
     """The port's checkpoint under TensorRT-LLM names, mapped with ``bug`` injected (a weight-mapping bug applies
-    here, in this process; the ranks split what it maps)."""
+    here, in this process; the ranks split what it maps). Tensors are read when asked for (a fused QKV is made
+    then), so a stream hands the ranks one layer's at a time."""
     with BUGS[bug].injected() if bug else contextlib.nullcontext():
-        return dict(weight_mapping.to_trtllm(model.state_dict(), model.config))
+        return weight_mapping.to_trtllm(model.state_dict(), model.config)
 
 
 def _label(component: str, rank: int, tp: int) -> str:
