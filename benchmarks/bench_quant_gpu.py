@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parity.compare import TOLERANCES, compare_taps  # noqa: E402
 from parity.quantized import tap_budgets, teacher_forced  # noqa: E402
 from reference import DeciCoderConfig, random_model, resolve_dtype  # noqa: E402
+from reference import taps  # noqa: E402
 from reference.components import run_layer  # noqa: E402
 from trt_layers.quantization import (MODES, QUANTIZED_LINEARS, activation_scale_name, calibrate,  # noqa: E402
                                      fp8_values, quantized_golden, symmetric_quantize, weight_scale)
 
 LAYER_OUTPUTS = ("attn.present_k", "attn.present_v", "out")
-LINEAR_INPUTS = ("input_norm", "attn.context", "post_norm", "mlp.act")
+LINEAR_INPUTS = tuple(taps.LINEAR_INPUTS["layer"])  # the taps the judge rounds fp8 on
 
 
 class Fp8ScaledMm(nn.Module):

@@ -43,7 +43,7 @@ import torch
 from reference import COMPONENTS, PRESETS, DeciCoderConfig, DeciCoderForCausalLM, load_model, random_model
 from reference.components import run_layer
 from reference.inputs import CaseShape, make_inputs, past_names
-from reference.taps import LINEAR_INPUT_TAPS, component_outputs, real_outputs
+from reference.taps import LINEAR_INPUTS, component_outputs, real_outputs
 from trt_layers.bugs import Bug
 from trt_layers.network import Backend, Engine, build_component, numpy_to_torch, refit_layer, to_feed
 
@@ -249,7 +249,7 @@ def _of_golden(quant: str | None) -> str:
 def _linear_inputs(model: DeciCoderForCausalLM, component: str) -> tuple[str, ...]:
     """The taps every engine of ``component`` marks for the judge: its linears' inputs, where the golden rounds
     activations (parity.quantized.teacher_forced); else none."""
-    return LINEAR_INPUT_TAPS.get(component, ()) if rounds_activations(model) else ()
+    return tuple(LINEAR_INPUTS.get(component, ())) if rounds_activations(model) else ()
 
 
 def _bug_context(bug: Bug | None):

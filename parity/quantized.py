@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from reference import DeciCoderForCausalLM
+from reference.taps import LINEAR_INPUTS
 from trt_layers import weights as weight_mapping
 from trt_layers.network import numpy_to_torch
 from trt_layers.quantization import QuantizedWeights, QuantMode, RoundedCache, calibrate
@@ -60,21 +61,10 @@ def candidate_weights(model: DeciCoderForCausalLM, mode: QuantMode) -> Callable[
     return lambda: QuantizedWeights(weight_mapping.to_trtllm(state, model.config), mode, calibrated)
 
 
-def _heads_merged(context: torch.Tensor) -> torch.Tensor:
-    return context.transpose(1, 2).flatten(2)  # [b, heads, s, d] -> [b, s, heads * d], o_proj's input
-
-
-_LAYER_INPUTS = {"input_norm": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), None),
-                 "attn.context": (("self_attn.o_proj",), _heads_merged),
-                 "post_norm": (("mlp.gate_proj", "mlp.up_proj"), None),
-                 "mlp.act": (("mlp.down_proj",), None)}
-# Where a component's taps hold a quantized linear's input: tap -> (the decoder layer's modules reading it, the
-# tap's layout -> the linear's). A component's own input needs none: both sides read the same. The taps are
-# reference.taps.LINEAR_INPUT_TAPS.
-LINEAR_INPUTS = {"gqa_masked": {"context": _LAYER_INPUTS["attn.context"]},
-                 "gqa_unmasked": {"context": _LAYER_INPUTS["attn.context"]},
-                 "mlp": {"act": _LAYER_INPUTS["mlp.act"]},
-                 "decoder_layer": _LAYER_INPUTS, "layer": _LAYER_INPUTS}
+def _as_linear_input(tap: str, value: torch.Tensor) -> torch.Tensor:
+    """A tap holding a linear's input (reference.taps.LINEAR_INPUTS) in that linear's layout: the attention
+    context [b, heads, s, d] as o_proj reads it, [b, s, heads * d]; the others as they are."""
+    return value.transpose(1, 2).flatten(2) if tap.endswith("context") else value
 
 
 def rounds_activations(model: DeciCoderForCausalLM) -> bool:
@@ -97,17 +87,17 @@ def _picker(candidate_input: torch.Tensor, tolerance: Tolerance) -> Callable[[to
 def teacher_forced(golden: DeciCoderForCausalLM, component: str, candidate: Mapping[str, object],
                    tolerance: Tolerance, layer: int = 0) -> Iterator[None]:
     """Within, a golden that rounds activations (rounds_activations) runs each quantized linear of decoder layer
-    ``layer`` on the candidate's own input (``component``'s taps, LINEAR_INPUTS) wherever it passes the judge
+    ``layer`` on the candidate's own input (``component``'s taps, taps.LINEAR_INPUTS) wherever it passes the judge
     against the golden's own input there; elsewhere, and for any other golden, nothing changes."""
     if not rounds_activations(golden):
         yield
         return
     decoder_layer, weight = golden.model.layers[layer], golden.lm_head.weight
-    for tap, (paths, to_input) in LINEAR_INPUTS.get(component, {}).items():
+    for tap, paths in LINEAR_INPUTS.get(component, {}).items():
         if tap in candidate:
             value = candidate[tap] if isinstance(candidate[tap], torch.Tensor) else numpy_to_torch(candidate[tap])
             value = value.to(weight.device, weight.dtype)
-            pick = _picker(value if to_input is None else to_input(value), tolerance)
+            pick = _picker(_as_linear_input(tap, value), tolerance)
             golden.forced_inputs.update((decoder_layer.get_submodule(path), pick) for path in paths)
     try:
         yield

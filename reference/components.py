@@ -16,7 +16,7 @@ Taps = dict[str, torch.Tensor]
 def run_component(component: str, model: DeciCoderForCausalLM, inputs: Inputs, layer_idx: int = 0,
                   linear_inputs: bool = False) -> Taps:
     """Taps of ``component`` in execution order; single-layer components use layer ``layer_idx``; with
-    ``linear_inputs``, the taps holding its quantized linears' inputs too (taps.LINEAR_INPUT_TAPS)."""
+    ``linear_inputs``, the taps holding its quantized linears' inputs too (taps.LINEAR_INPUTS)."""
     layer = model.model.layers[layer_idx]
     attn = layer.self_attn
     if component == "repeat_kv":

@@ -44,13 +44,16 @@ LAYER_TAPS = ("input_norm", *(f"attn.{t}" for t in _GQA_TAPS), "attn_out", "resi
               *(f"mlp.{t}" for t in COMPONENT_TAPS["mlp"]), "mlp_out", "out")
 
 
-# The taps holding each quantized linear's input, by component (the streamed model's decoder-layer piece: "layer"):
-# a mode that rounds activations (fp8) marks them in every engine, so that the judge can round the port's own input
-# (parity.quantized.teacher_forced). decoder_layer then emits attn.context and mlp.act beside its own taps.
-LINEAR_INPUT_TAPS: dict[str, tuple[str, ...]] = {
-    "gqa_masked": ("context",), "gqa_unmasked": ("context",), "mlp": ("act",),
-    "decoder_layer": ("input_norm", "attn.context", "post_norm", "mlp.act"),
-    "layer": ("input_norm", "attn.context", "post_norm", "mlp.act"),
+# Where each linear of a decoder layer reads its input, by component (the streamed model's decoder-layer piece:
+# "layer"): tap -> the layer's modules reading it (a component's own input needs none: both sides read the same).
+# A mode that rounds activations (fp8) marks these taps in every engine, so that the judge can round the port's own
+# input (parity.quantized.teacher_forced); decoder_layer then emits attn.context and mlp.act beside its own taps.
+_LAYER_LINEAR_INPUTS = {"input_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                        "attn.context": ("self_attn.o_proj",), "post_norm": ("mlp.gate_proj", "mlp.up_proj"),
+                        "mlp.act": ("mlp.down_proj",)}
+LINEAR_INPUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "gqa_masked": {"context": ("self_attn.o_proj",)}, "gqa_unmasked": {"context": ("self_attn.o_proj",)},
+    "mlp": {"act": ("mlp.down_proj",)}, "decoder_layer": _LAYER_LINEAR_INPUTS, "layer": _LAYER_LINEAR_INPUTS,
 }
 
 
@@ -79,10 +82,10 @@ def real_outputs(component: str, num_layers: int | None = None) -> tuple[str, ..
 def component_outputs(component: str, num_layers: int | None = None, linear_inputs: bool = False) -> tuple[str, ...]:
     """Everything a component's graph emits, in execution order: its taps and, for the whole
     model, each layer's present K/V (which a decode step feeds back) before that layer's output;
-    with ``linear_inputs``, the taps holding its quantized linears' inputs too (LINEAR_INPUT_TAPS)."""
+    with ``linear_inputs``, the taps holding its quantized linears' inputs too (LINEAR_INPUTS)."""
     taps = component_taps(component, num_layers)
     if component == "decoder_layer" and linear_inputs:
-        return tuple(t for t in LAYER_TAPS if t in taps or t in LINEAR_INPUT_TAPS[component])
+        return tuple(t for t in LAYER_TAPS if t in taps or t in LINEAR_INPUTS[component])
     if component != "causal_lm":
         return taps
     layers = (name for i in range(num_layers) for name in (f"layer_{i}.present_k", f"layer_{i}.present_v",

@@ -250,7 +250,7 @@ def decoder_layer(hidden_states, position_ids, weights: Weights, i: int, config:
 def decoder_layer_graph(inputs, weights, config, dtype, layer: int = 0) -> Taps:
     past = (inputs["past_k"], inputs["past_v"]) if "past_k" in inputs else None
     taps = decoder_layer(inputs["hidden_states"], inputs["position_ids"], weights, layer, config, dtype, past)
-    # A port that rounds its linears' inputs emits them too (the judge rounds the port's own: LINEAR_INPUT_TAPS).
+    # A port that rounds its linears' inputs emits them too (the judge rounds the port's own: taps.LINEAR_INPUTS).
     linear_inputs = getattr(weights, "rounds_activations", False)
     return {name: taps[name] for name in component_outputs("decoder_layer", linear_inputs=linear_inputs)}
 

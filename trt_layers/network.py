@@ -516,7 +516,7 @@ def build_component(component: str, config: DeciCoderConfig, weights: dict[str, 
     """
     pieces = {"embed", "layer", "head"}
     graphs = PIECE_GRAPHS if component in pieces else COMPONENT_GRAPHS
-    linear_inputs = getattr(weights, "rounds_activations", False)  # decoder_layer emits them (LINEAR_INPUT_TAPS)
+    linear_inputs = getattr(weights, "rounds_activations", False)  # decoder_layer emits them (taps.LINEAR_INPUTS)
     expected = (piece_outputs(component) if component in pieces
                 else list(component_outputs(component, config.num_hidden_layers, linear_inputs)))
 
