@@ -272,17 +272,17 @@ class PerTensorFp8:
     def read(self, x, weights: QuantizedWeights, stem: str, dtype: torch.dtype):
         """FP8Linear without the fp8 gemm plugin: x and W each through quantize/dequantize, then x @ W^T."""
         dtype_name = _dtype_name(dtype)
-        input_scale = F.cast(weights.constant(f"{stem}.activation_scaling_factor", torch.float32), dtype_name)
-        x_rounded = F.dequantize(quantize_input(x, input_scale), input_scale, -1, dtype_name)
-        weight_scale = F.cast(weights.constant(f"{stem}.weights_scaling_factor", torch.float32), dtype_name)
-        weight = F.dequantize(weights.constant(f"{stem}.weight", dtype), weight_scale, -1, dtype_name)  # [out, in]
+        x_scale = F.cast(weights.constant(f"{stem}.activation_scaling_factor", torch.float32), dtype_name)
+        x_rounded = F.dequantize(quantize_input(x, x_scale), x_scale, -1, dtype_name)
+        w_scale = F.cast(weights.constant(f"{stem}.weights_scaling_factor", torch.float32), dtype_name)
+        weight = F.dequantize(weights.constant(f"{stem}.weight", dtype), w_scale, -1, dtype_name)  # [out, in]
         return F.matmul(x_rounded, weight, transb=True)
-
 
 
 def quantize_input(x, scale):
     """A linear's input in e4m3: x / its activation scale (IQuantizeLayer's fp8)."""
     return F.quantize(x, scale, "fp8")
+
 
 # ---------------------------------------------------------------- KV cache
 
