@@ -14,6 +14,7 @@ tasks on all of them at once; each returns what its engine emitted.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import queue
 import signal
@@ -153,14 +154,29 @@ def collectives_backend(tp_size: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= tp_size else "gloo"
 
 
+INIT_TIMEOUT_S = 120  # 8 ranks form their group in a few seconds on 2 cores
+
+
+def _next_task(tasks):
+    """The next task, or None once the pool stops or its process is gone (killed: nobody would send None)."""
+    while True:
+        try:
+            return tasks.get(timeout=1)
+        except queue.Empty:
+            if not mp.parent_process().is_alive():
+                return None
+
+
 def _rank_main(rank: int, world: int, port: int, backend: str, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the pool stops the ranks
     torch.set_num_threads(1)  # the ranks share this machine's cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A bounded wait for the others: a rank whose pool was killed while the group formed must not wait 30 minutes.
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
     try:
-        while (task := tasks.get()) is not None:
+        while (task := _next_task(tasks)) is not None:
             function, args = task
             try:
                 results.put((rank, function(rank, *args), None))
