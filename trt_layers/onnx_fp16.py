@@ -35,6 +35,11 @@ def _cast(source: str, target: str, to: int) -> onnx.NodeProto:
 
 def fp16_values(model: onnx.ModelProto) -> set[str]:
     """Names of every fp16 value of the graph: inputs, initializers and node outputs."""
+    return {name for name, elem_type in value_types(model).items() if elem_type == FP16}
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every value's ONNX element type (inputs, initializers, node outputs), a collective's its input's."""
     graph = model.graph
     # Types need no weights: infer on a skeleton whose initializers are typed inputs (a model past
     # protobuf's 2 GiB could not be inferred on whole).
@@ -51,7 +56,7 @@ def fp16_values(model: onnx.ModelProto) -> set[str]:
     if untyped:
         # Without a type we cannot tell whether the value needs rounding: refuse, never guess.
         raise ValueError(f"ONNX type inference left {untyped[:5]} untyped: cannot round per op")
-    return {v.name for v in values if v.type.tensor_type.elem_type == FP16}
+    return {v.name: v.type.tensor_type.elem_type for v in values}
 
 
 def round_each_op_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

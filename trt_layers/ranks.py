@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from onnx import helper
 
-from .lowering import COLLECTIVES, typed_as_identities
+from . import onnx_fp16
+from .lowering import COLLECTIVES
 
 
 @dataclass
@@ -45,19 +46,6 @@ class Piece:
 
 def has_collectives(model: onnx.ModelProto) -> bool:
     return any(node.domain == COLLECTIVES for node in model.graph.node)
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Every value's element type: shape inference with each collective read as an Identity (same type)."""
-    graph = model.graph
-    opsets = [opset for opset in model.opset_import if opset.domain != COLLECTIVES]
-    probe = helper.make_model(helper.make_graph(typed_as_identities(graph.node), graph.name, graph.input,
-                                                graph.output, graph.initializer), opset_imports=opsets)
-    inferred = onnx.shape_inference.infer_shapes(probe)
-    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-    types = {v.name: v.type.tensor_type.elem_type for v in values}
-    types.update((init.name, init.data_type) for init in model.graph.initializer)
-    return types
 
 
 def cut_at_collectives(model: onnx.ModelProto) -> list[Piece]:
@@ -80,7 +68,7 @@ def cut_at_collectives(model: onnx.ModelProto) -> list[Piece]:
     while assigned and not assigned[-1] and not collectives[-1]:
         assigned.pop()
         collectives.pop()
-    types = _elem_types(model)
+    types = onnx_fp16.value_types(model)
     graph_outputs = [output.name for output in graph.output]
     initializers = {init.name: init for init in graph.initializer}
     pieces = []
