@@ -102,6 +102,48 @@ def test_rows_run_in_blocks_and_compute_the_same_bits(heads, causal_bias, keys):
     np.testing.assert_array_equal(_run(rewritten, feed)[0], whole[0])
 
 
+def _grouped_attention(order: str):
+    """softmax(q k_rep^T) v_rep over 4 query heads and 5 rows, K and V of 2 heads [1, 2, 5, 4] repeated
+    as repeat_kv does ("interleaved": Expand on a new axis after the heads, 0,0,1,1) or tiled (0,1,0,1)."""
+    axis = {"interleaved": 2, "tiled": 1}[order]
+    kv5 = (1, 2, 1, 5, 4) if axis == 2 else (1, 1, 2, 5, 4)
+    expanded = (1, 2, 2, 5, 4)
+    constants = [numpy_helper.from_array(np.array(shape, np.int64), name) for name, shape in
+                 (("kv5", kv5), ("expanded", expanded), ("heads", (1, 4, 5, 4)))]
+    nodes = []
+    for x in ("k", "v"):
+        nodes += [helper.make_node("Reshape", [x, "kv5"], [f"{x}5"]),
+                  helper.make_node("Expand", [f"{x}5", "expanded"], [f"{x}_expanded"]),
+                  helper.make_node("Reshape", [f"{x}_expanded", "heads"], [f"{x}_rep"])]
+    nodes += [helper.make_node("Transpose", ["k_rep"], ["k_t"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "k_t"], ["scores"], name="qk"),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_rep"], ["context"], name="pv")]
+    shapes = {"q": (1, 4, 5, 4), "k": (1, 2, 5, 4), "v": (1, 2, 5, 4), "k5": kv5, "v5": kv5, "k_expanded": expanded,
+              "v_expanded": expanded, "k_rep": (1, 4, 5, 4), "v_rep": (1, 4, 5, 4), "k_t": (1, 4, 4, 5),
+              "scores": (1, 4, 5, 5), "probs": (1, 4, 5, 5), "context": (1, 4, 5, 4)}
+    values = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()}
+    graph = helper.make_graph(nodes, "gqa", [values[n] for n in ("q", "k", "v")], [values["context"]], constants)
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal(shapes[name], dtype=np.float32) for name in ("q", "k", "v")}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), shapes, feed
+
+
+@pytest.mark.parametrize("order", ["interleaved", "tiled"])
+def test_row_blocks_read_each_kv_head_once_only_where_repeat_kv_repeated_it(order):
+    """Interleaved: a block stacks each KV head's query heads and reads K and V once; tiled (a port's bug)
+    stays as the port computed it. The same bits either way."""
+    model, shapes, feed = _grouped_attention(order)
+    whole = _run(model, feed)
+    rewritten = attention_blocks.attention_in_blocks(model, shapes, rows=2)
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert row_block_concats(rewritten) == 1
+    grouped = [node.name for node in rewritten.graph.node if node.name.endswith("/k_by_kv_head")]
+    assert (len(grouped), any(node.op_type == "Expand" for node in rewritten.graph.node)) == \
+        ((1, False) if order == "interleaved" else (0, True))
+    np.testing.assert_array_equal(_run(rewritten, feed)[0], whole[0])
+
+
 @pytest.mark.parametrize("why, dtypes", [
     ("scores of unknown dtype", {}),
     ("fp16 scores, which can overflow to inf (op by op, inf - inf is NaN)", {"scores": TensorProto.FLOAT16}),
@@ -139,8 +181,36 @@ def test_engines_with_real_outputs_run_blocks_with_the_lowering_bits(reference_m
     actual = engine.infer(feed)
     in_rows = row_blocks is not None and shape.seq_len > row_blocks and dtype == "fp32"
     assert sum(map(row_block_concats, block_rewrites[1:])) == in_rows
+    if in_rows:  # the port's causal mask, proven from the graph, stops every block but the last and enters
+        # each as a constant (its computation gone from the session)
+        rows = block_rewrites[-1].graph.node
+        blocks = sum(node.op_type == "Softmax" for node in rows)
+        masked = component != "gqa_unmasked"
+        assert _products_of_key_slices(block_rewrites[-1]) == (2 * (blocks - 1) if masked else 0)
+        constant_masks = [node for node in rows if node.op_type == "Add" and "/rows_" in node.name
+                          and any(name.startswith("causal_mask/") for name in node.input)]
+        assert len(constant_masks) == (blocks if masked else 0)
+        assert not any(node.op_type == "Where" for node in rows)
+        # K and V read once a KV head where the port repeats them (GQA, MQA): repeat_kv's Expand gone
+        grouped = any(node.name.endswith("/k_by_kv_head") for node in rows)
+        assert (grouped, any(node.op_type == "Expand" for node in rows)) == (layout != "kvheads8", False)
     for name, expected in zip(actual, _run(engine.model, feed)):
         np.testing.assert_array_equal(actual[name], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["kvheads2", "kvheads1"])
+def test_a_tiled_repeat_survives_the_blocks(reference_model, row_blocks, layout):
+    """KV heads tiled (0,1,0,1) are not repeat_kv's pattern: the blocks read them as the port repeated them."""
+    bug = BUGS["repeat_kv_tiled"]
+    report = locate("gqa_masked", reference_model(layout, DTYPES["fp32"]), OnnxBackend(), CaseShape(2, 33, 0), bug)
+    assert (first_failure(report.outputs_only) is not None) == (layout == "kvheads2")  # MQA: tiled is repeated
+
+
+def _products_of_key_slices(model: onnx.ModelProto) -> int:
+    """How many row blocks' products read a slice of the keys (Q K^T of K^T's, P V of V's)."""
+    sliced = {node.output[0] for node in model.graph.node if node.op_type == "Slice"}
+    return sum(node.op_type == "MatMul" and "/rows_" in node.name and node.input[1] in sliced
+               for node in model.graph.node)
 
 
 def test_a_tapped_attention_runs_whole(reference_model, block_rewrites):

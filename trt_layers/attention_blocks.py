@@ -20,6 +20,7 @@ stops TensorRT's fusion; so does any chain this module cannot prove acts on each
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -75,15 +76,17 @@ def inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with static inputs as ONNX Runtime's basic optimizations leave it (the shape
     arithmetic behind its reshapes folded into constants), every value's shape and type inferred:
     onnx's own inference leaves the lowering's computed reshapes dynamic. Values that remain keep
-    their names; the graph to run stays ``model``, as ONNX Runtime's optimized form of an fp16 graph
-    carries the casts to fp32 it inserts."""
+    their names: the transpose optimizer, which renames the values it moves a transpose across (a
+    RoPE'd K, whose shape the causal mask reads), is off. The graph to run stays ``model``, as ONNX
+    Runtime's optimized form of an fp16 graph carries the casts to fp32 it inserts."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder) / "inferred.onnx")
-        onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=["TransposeOptimizer"])
         return onnx.shape_inference.infer_shapes(onnx.load(options.optimized_model_filepath), data_prop=True)
 
 
@@ -191,20 +194,28 @@ def _in_head_blocks(qk: onnx.NodeProto, chain: list[onnx.NodeProto], pv: onnx.No
     return nodes, [split] if opset >= 13 else []
 
 
-def _copy(qk, chain, pv, renamed: dict[str, str], tag: str, nodes: list[onnx.NodeProto]) -> str:
-    """Append one copy of the chain reading ``renamed`` operands; returns its P V output."""
+def _copy(qk, chain, pv, renamed: dict[str, str], tag: str, nodes: list[onnx.NodeProto], regroup=None) -> str:
+    """Append one copy of the chain reading ``renamed`` operands; returns its P V output. ``regroup``
+    (value, "scores" | "probs") -> value reshapes the scores after Q K^T and the probabilities before
+    P V (the grouped-query blocks' [b, kv, n, rows, keys] view); softmaxes then take the last axis."""
     for node in (qk, *chain, pv):
         copy = helper.make_node(node.op_type, [renamed.get(name, name) for name in node.input],
                                 [f"{node.output[0]}/{tag}"], name=f"{node.name or node.output[0]}/{tag}")
-        copy.attribute.extend(node.attribute)
+        copy.attribute.extend(a for a in node.attribute if not (regroup and node.op_type == "Softmax"))
+        if regroup and node.op_type == "Softmax":
+            copy.attribute.append(helper.make_attribute("axis", -1))
         nodes.append(copy)
         renamed[node.output[0]] = copy.output[0]
+        if regroup and node is qk:
+            renamed[qk.output[0]] = regroup(copy.output[0], "scores")
+        if regroup and node is (chain[-1] if chain else qk):
+            renamed[pv.input[0]] = regroup(renamed[pv.input[0]], "probs")
     return renamed[pv.output[0]]
 
 
 # ---------------------------------------------------------------- query-row blocks
 
-_FOLD_LIMIT = 64  # ops behind a mask that follows from shapes alone (the lowering's takes 12)
+_FOLD_LIMIT = 64  # values behind a mask that follows from shapes alone (the lowering's causal mask: 40)
 
 
 def _folded(model: onnx.ModelProto, name: str, shapes: Shapes, values: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -229,14 +240,13 @@ def _folded(model: onnx.ModelProto, name: str, shapes: Shapes, values: Mapping[s
             constants.append(numpy_helper.from_array(values[value], value))
         elif (node := producers.get(value)) is None or len(needed) > _FOLD_LIMIT:
             return None  # a graph input
-        elif node.op_type == "Shape":
-            shape = shapes.get(node.input[0])
-            if shape is None or min(shape, default=0) < 0:
-                return None
+        elif node.op_type == "Shape" and min(shapes.get(node.input[0], (-1,)), default=0) >= 0:
+            shape = shapes[node.input[0]]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             dims = np.array(shape, np.int64)[attrs.get("start", 0):attrs.get("end", len(shape))]
             constants.append(numpy_helper.from_array(dims, value))
-        else:
+        else:  # evaluated, a Shape included where its input's shape is not recorded (ONNX Runtime
+            # folded that value away: the Range an unsqueeze reads the rank of)
             stack.extend(node.input)
     folded = {t.name for t in constants}
     nodes = [node for node in graph.node if node.output[0] in needed and node.output[0] not in folded]
@@ -248,11 +258,11 @@ def _folded(model: onnx.ModelProto, name: str, shapes: Shapes, values: Mapping[s
         return None
 
 
-def _key_limits(model: onnx.ModelProto, qk, chain, shapes: Shapes, dtypes: Mapping[str, int],
-                values: Mapping[str, np.ndarray], starts: list[int]) -> list[int] | None:
-    """For each block of query rows, the keys it needs: past them the chain adds -inf (a mask of the
-    shapes alone) and then only casts it into the softmax, whose probabilities there are exactly 0
-    and cast to 0. None where that is not proven, or where the scores are not fp32 (an fp16 Q K^T can
+def _causal_mask(model: onnx.ModelProto, qk, chain, shapes: Shapes, dtypes: Mapping[str, int],
+                 values: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray] | None:
+    """The mask the chain adds (its name and value) where that value follows from the shapes alone and
+    the chain then only casts it into the softmax, so that its -inf keys get probabilities of exactly
+    0 (cast to 0). None where that is not proven, or where the scores are not fp32 (an fp16 Q K^T can
     overflow to inf, and op by op inf - inf makes the row NaN)."""
     if dtypes.get(qk.output[0]) != TensorProto.FLOAT:
         return None
@@ -262,11 +272,16 @@ def _key_limits(model: onnx.ModelProto, qk, chain, shapes: Shapes, dtypes: Mappi
     if len(adds) != 1 or len(softmax) != 1 or adds[0] > softmax[0] or any(
             node.op_type != "Cast" for node in chain[adds[0] + 1:softmax[0]] + chain[softmax[0] + 1:]):
         return None
-    mask_add = chain[adds[0]]
-    mask = _folded(model, next(name for name in mask_add.input if name not in inside), shapes, values)
-    s_q, s_kv = shapes[qk.output[0]][-2:]
-    if mask is None or mask.ndim == 0 or mask.shape[-1] not in (1, s_kv):
+    name = next(name for name in chain[adds[0]].input if name not in inside)
+    mask = _folded(model, name, shapes, values)
+    s_kv = shapes[qk.output[0]][-1]
+    if mask is None or mask.ndim == 0 or mask.shape[-1] not in (1, s_kv) or tuple(mask.shape) != shapes.get(name):
         return None
+    return name, mask
+
+
+def _key_limits(mask: np.ndarray, s_q: int, s_kv: int, starts: list[int]) -> list[int]:
+    """For each block of query rows, the keys it needs: past them the mask is -inf for all its rows."""
     visible = ~np.isneginf(mask.reshape(-1, *mask.shape[-2:]) if mask.ndim >= 2 else mask[None, None])
     visible = np.broadcast_to(visible.any(axis=0), (s_q, s_kv))  # [s_q, s_kv]: a key some row of some head sees
     last = np.where(visible.any(axis=1), s_kv - np.argmax(visible[:, ::-1], axis=1), s_kv)  # keys each row needs
@@ -280,18 +295,65 @@ def _row_starts(s_q: int, rows: int) -> list[int]:
     return starts[:-1] if len(starts) > 1 and s_q - starts[-1] == 1 else starts
 
 
-def _in_row_blocks(qk, chain, pv, shapes: Shapes, key_limits: list[int] | None, starts: list[int]
-                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _repeated_kv(name: str, producers: Mapping[str, onnx.NodeProto], shapes: Shapes) -> tuple[str, int] | None:
+    """The [b, kv, 1, L, d] value that ``name`` [b, kv * n, L, d] repeats as repeat_kv does (each KV head
+    expanded n > 1 times in a row, the heads then merged in order), and n; None for any other producer."""
+    merge = producers.get(name)
+    expand = producers.get(merge.input[0]) if merge is not None and merge.op_type == "Reshape" else None
+    if expand is None or expand.op_type != "Expand":
+        return None
+    source = shapes.get(expand.input[0], ())
+    if len(source) != 5 or source[2] != 1 or min(source) < 0:
+        return None
+    b, kv, _, length, d = source
+    n = shapes.get(name, (0, 0))[1] // kv
+    if n < 2 or shapes.get(expand.output[0]) != (b, kv, n, length, d) or shapes.get(name) != (b, kv * n, length, d):
+        return None
+    return expand.input[0], n
+
+
+def _kv_groups(qk, chain, pv, model: onnx.ModelProto, shapes: Shapes) -> tuple[str, str, int] | None:
+    """(K's [b, kv, 1, L, d] value, V's, n) where the chain reads K^T as the transpose of K repeated by
+    repeat_kv, and V repeated the same, and its other operands are the same for every batch and head:
+    then a block reads each KV head once, for its n query heads at a time."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    k_t = producers.get(qk.input[1])
+    perm = next((list(helper.get_attribute_value(a)) for a in k_t.attribute if a.name == "perm"), None) \
+        if k_t is not None and k_t.op_type == "Transpose" else None
+    if perm != [0, 1, 3, 2]:
+        return None
+    k, v = _repeated_kv(k_t.input[0], producers, shapes), _repeated_kv(pv.input[1], producers, shapes)
+    inside = {qk.output[0]} | {node.output[0] for node in chain}
+    if k is None or v is None or k[1] != v[1] or shapes[k[0]][:2] != shapes[v[0]][:2] or any(
+            max(shapes[name][:-2], default=1) > 1 for name in _outside(chain, inside)):
+        return None
+    return k[0], v[0], k[1]
+
+
+def _in_row_blocks(qk, chain, pv, shapes: Shapes, mask: tuple[str, np.ndarray] | None, starts: list[int],
+                   groups: tuple[str, str, int] | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The chain as one copy per block of query rows, each reading its rows of Q and of every operand
-    that varies along them, and only the keys it needs; its output the Concat of the blocks' outputs."""
+    that varies along them, and only the keys it needs; its output the Concat of the blocks' outputs.
+    A proven causal ``mask`` (name, value) stops each block at the last key its rows see, and enters
+    as the constant it is: its blocks are initializers, shared by every chain adding the same mask.
+    With ``groups`` (_kv_groups) a block reads K and V as they were before repeat_kv, each KV head
+    once, with its n query heads' rows stacked: [b, kv, n * rows, d] (the same products, row by row)."""
     out = pv.output[0]
     s_q, s_kv = shapes[qk.output[0]][-2:]
     inside = {qk.output[0]} | {node.output[0] for node in chain}
+    key_limits = _key_limits(mask[1], s_q, s_kv, starts) if mask else None
     nodes, initializers = [], []
+    known = dict(shapes)  # and the shapes of the values made here
+
+    def reshaped(value: str, shape: tuple[int, ...], name: str) -> str:
+        initializers.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}/shape"))
+        nodes.append(helper.make_node("Reshape", [value, f"{name}/shape"], [name], name=name))
+        known[name] = shape
+        return name
 
     def sliced(operand: str, bounds: dict[int, tuple[int, int]], tag: str) -> str:
         """``operand`` sliced to ``bounds`` (axis from the end -> (start, end)) where it spans that axis."""
-        shape = shapes[operand]
+        shape = known[operand]
         spans = {len(shape) - k: bound for k, bound in bounds.items()
                  if len(shape) >= k and shape[-k] > 1 and bound != (0, shape[-k])}
         if not spans:
@@ -304,15 +366,42 @@ def _in_row_blocks(qk, chain, pv, shapes: Shapes, key_limits: list[int] | None, 
                                       name=f"{out}/slice_{tag}_{operand}"))
         return name
 
+    def constant(value: np.ndarray, bounds: dict[int, tuple[int, int]], tag: str) -> str:
+        """``value`` cut to ``bounds`` as an initializer, named by its bytes (one for equal cuts)."""
+        block = np.ascontiguousarray(value[tuple(slice(*bounds[len(value.shape) - axis]) if
+                                                 len(value.shape) - axis in bounds and value.shape[axis] > 1
+                                                 else slice(None) for axis in range(value.ndim))])
+        name = f"causal_mask/{hashlib.sha256(block.tobytes() + str(block.shape).encode()).hexdigest()}"
+        initializers.append(numpy_helper.from_array(block, name))
+        return name
+
+    k_t, v = qk.input[1], pv.input[1]
+    if groups:  # each KV head once: K^T [b, kv, d, L], V [b, kv, L, d_v]
+        b, kv, _, length, d = shapes[groups[0]]
+        n, d_v = groups[2], shapes[groups[1]][-1]
+        k_heads = reshaped(groups[0], (b, kv, length, d), f"{out}/k_by_kv_head")
+        k_t, v = f"{out}/k_t_by_kv_head", reshaped(groups[1], (b, kv, length, d_v), f"{out}/v_by_kv_head")
+        nodes.append(helper.make_node("Transpose", [k_heads], [k_t], name=k_t, perm=[0, 1, 3, 2]))
+        known[k_t] = (b, kv, d, length)
+
     block_outputs = []
     for j, (start, end) in enumerate(zip(starts, [*starts[1:], s_q])):
         tag, query_rows = f"rows_{j}", (start, end)
         keys = (0, key_limits[j] if key_limits else s_kv)
         renamed = {qk.input[0]: sliced(qk.input[0], {2: query_rows}, tag),
-                   qk.input[1]: sliced(qk.input[1], {1: keys}, tag), pv.input[1]: sliced(pv.input[1], {2: keys}, tag)}
+                   qk.input[1]: sliced(k_t, {1: keys}, tag), pv.input[1]: sliced(v, {2: keys}, tag)}
         for operand in sorted(_outside(chain, inside)):
-            renamed[operand] = sliced(operand, {2: query_rows, 1: keys}, tag)
-        block_outputs.append(_copy(qk, chain, pv, renamed, tag, nodes))
+            renamed[operand] = constant(mask[1], {2: query_rows, 1: keys}, tag) if mask and operand == mask[0] \
+                else sliced(operand, {2: query_rows, 1: keys}, tag)
+        if not groups:
+            block_outputs.append(_copy(qk, chain, pv, renamed, tag, nodes))
+            continue
+        rows, width = end - start, keys[1]
+        renamed[qk.input[0]] = reshaped(renamed[qk.input[0]], (b, kv, n * rows, d), f"{out}/{tag}/q_by_kv_head")
+        views = {"scores": (b, kv, n, rows, width), "probs": (b, kv, n * rows, width)}
+        context = _copy(qk, chain, pv, renamed, tag, nodes,
+                        regroup=lambda value, kind: reshaped(value, views[kind], f"{value}/{kind}_view"))
+        block_outputs.append(reshaped(context, (b, kv * n, rows, d_v), f"{context}/by_head"))
     nodes.append(helper.make_node("Concat", block_outputs, [out], name=f"{out}/concat_rows",
                                   axis=len(shapes[qk.output[0]]) - 2))
     return nodes, initializers
@@ -337,21 +426,21 @@ def attention_in_blocks(model: onnx.ModelProto, shapes: Shapes, dtypes: Mapping[
     that be proven), else in blocks of ``heads`` heads where it has more."""
     graph, opset = model.graph, _opset(model)
     blocks = {}  # P V's output -> the blocks that compute it, in its place: every operand exists by then
-    replaced = set()
+    replaced, added = set(), {}
     for qk, chain, pv in list(attention_chains(model, shapes)):
         inside = {qk.output[0]} | {node.output[0] for node in chain}
         s_q, s_kv = shapes[qk.output[0]][-2:]
         if opset >= 10 and s_q > rows and s_kv > 0 and _rows_apart(qk, chain, pv, inside, shapes, s_q, s_kv):
-            starts = _row_starts(s_q, rows)
-            limits = _key_limits(model, qk, chain, shapes, dtypes or {}, values or {}, starts)
-            new, initializers = _in_row_blocks(qk, chain, pv, shapes, limits, starts)
+            mask = _causal_mask(model, qk, chain, shapes, dtypes or {}, values or {})
+            new, initializers = _in_row_blocks(qk, chain, pv, shapes, mask, _row_starts(s_q, rows),
+                                               _kv_groups(qk, chain, pv, model, shapes))
         elif _heads(shapes, qk.input[0]) > heads and all(_same_for_every_head(shapes, name)
                                                           for name in _outside(chain, inside)):
             new, initializers = _in_head_blocks(qk, chain, pv, _heads(shapes, qk.input[0]), heads, opset)
         else:
             continue
         blocks[pv.output[0]] = new
-        graph.initializer.extend(initializers)
+        added |= {tensor.name: tensor for tensor in initializers}
         replaced |= inside
     nodes = []
     for node in graph.node:
@@ -359,6 +448,22 @@ def attention_in_blocks(model: onnx.ModelProto, shapes: Shapes, dtypes: Mapping[
             nodes += blocks[node.output[0]]
         elif node.output[0] not in replaced:
             nodes.append(node)
+    live, read = _live(nodes, {output.name for output in graph.output})
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(live)
+    # ONNX Runtime would warn of each initializer left unread, one line apiece
+    initializers = [tensor for tensor in (*graph.initializer, *added.values()) if tensor.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
     return model
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """``nodes`` less those nothing reads (a causal mask's computation, once its blocks are constants),
+    and the values the rest read."""
+    read, live = set(outputs), []
+    for node in reversed(nodes):
+        if read.intersection(node.output):
+            live.append(node)
+            read.update(node.input)
+    return live[::-1], read
