@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -314,11 +314,10 @@ def _repeated_kv(name: str, producers: Mapping[str, onnx.NodeProto], shapes: Sha
     return expand.input[0], n
 
 
-def _kv_groups(qk, chain, pv, model: onnx.ModelProto, shapes: Shapes) -> tuple[str, str, int] | None:
+def _kv_groups(qk, chain, pv, producers: Mapping[str, onnx.NodeProto], shapes: Shapes) -> tuple[str, str, int] | None:
     """(K's [b, kv, 1, L, d] value, V's, n) where the chain reads K^T as the transpose of K repeated by
     repeat_kv, and V repeated the same, and its other operands are the same for every batch and head:
     then a block reads each KV head once, for its n query heads at a time."""
-    producers = {output: node for node in model.graph.node for output in node.output}
     k_t = producers.get(qk.input[1])
     perm = next((list(helper.get_attribute_value(a)) for a in k_t.attribute if a.name == "perm"), None) \
         if k_t is not None and k_t.op_type == "Transpose" else None
@@ -345,7 +344,7 @@ def _in_row_blocks(qk, chain, pv, shapes: Shapes, mask: tuple[str, np.ndarray] |
     inside = {qk.output[0]} | {node.output[0] for node in chain}
     key_limits = _key_limits(mask[1], s_q, s_kv, starts) if mask else None
     nodes, initializers = [], []
-    known = dict(shapes)  # and the shapes of the values made here
+    known = ChainMap({}, shapes)  # and the shapes of the values made here
 
     def reshaped(value: str, shape: tuple[int, ...], name: str) -> str:
         initializers.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}/shape"))
@@ -429,13 +428,14 @@ def attention_in_blocks(model: onnx.ModelProto, shapes: Shapes, dtypes: Mapping[
     graph, opset = model.graph, _opset(model)
     blocks = {}  # P V's output -> the blocks that compute it, in its place: every operand exists by then
     replaced, added = set(), {}
+    producers = {output: node for node in graph.node for output in node.output}
     for qk, chain, pv in list(attention_chains(model, shapes)):
         inside = {qk.output[0]} | {node.output[0] for node in chain}
         s_q, s_kv = shapes[qk.output[0]][-2:]
         if opset >= 10 and s_q > rows and s_kv > 0 and _rows_apart(qk, chain, pv, inside, shapes, s_q, s_kv):
             mask = _causal_mask(model, qk, chain, shapes, dtypes or {}, values or {})
             new, initializers = _in_row_blocks(qk, chain, pv, shapes, mask, _row_starts(s_q, rows),
-                                               _kv_groups(qk, chain, pv, model, shapes))
+                                               _kv_groups(qk, chain, pv, producers, shapes))
         elif _heads(shapes, qk.input[0]) > heads and all(_same_for_every_head(shapes, name)
                                                           for name in _outside(chain, inside)):
             new, initializers = _in_head_blocks(qk, chain, pv, _heads(shapes, qk.input[0]), heads, opset)
